@@ -416,7 +416,7 @@ def _defaults_for(abstract, graphdef, targets, values, shardings):
 
 def abstract_with_factory(factory: Callable[[], nnx.Module]) -> nnx.Module:
     """``nnx.eval_shape(factory)`` that remembers the factory (for optional defaults)."""
-    abstract = nnx.eval_shape(factory)
+    abstract = shd.abstract_model(factory)
     object.__setattr__(abstract, "_hellochat_factory", factory)
     return abstract
 

@@ -170,8 +170,13 @@ def shardings_for(abstract_state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_
 
 
 def abstract_model(factory: Callable[[], nnx.Module]) -> nnx.Module:
-    """The model's structure with ShapeDtypeStruct leaves: no memory, no compute."""
-    return nnx.eval_shape(factory)
+    """The model's structure with ShapeDtypeStruct leaves: no memory, no compute.
+
+    Evaluated outside any mesh: flax would otherwise turn the logical names into raw
+    PartitionSpecs itself; placement is ours (`shardings_for`), with the divisibility rule.
+    """
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        return nnx.eval_shape(factory)
 
 
 def init_sharded(factory: Callable[[], nnx.Module], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.Module:

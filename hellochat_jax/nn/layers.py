@@ -27,7 +27,7 @@ def as_precision(name: str | None) -> jax.lax.Precision | None:
     """"highest" gives true f32 matmuls on TPU/GPU (parity); "default" lets XLA pick (speed)."""
     if name in (None, "default"):
         return None
-    return jax.lax.Precision(name.upper()) if isinstance(name, str) else name
+    return jax.lax.Precision[name.upper()] if isinstance(name, str) else name
 
 
 def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Names, dtype=jnp.float32) -> nnx.Param:
