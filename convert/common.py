@@ -224,18 +224,19 @@ class TorchSource(TensorSource):
             raise CheckpointError(f"{path}: reading .pt files needs torch (pip install 'hellochat-jax[torch]')") from e
         if not self.path.exists():
             raise CheckpointError(f"{path}: file not found")
+        import zipfile
+
         try:
-            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # weights_only refuses pickled code with UnpicklingError
-            if "weights_only" in str(e) or "Unsupported global" in str(e) or type(e).__name__ == "UnpicklingError":
+            # mmap keeps host memory at one tensor at a time for zip-format (torch.save) files.
+            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(self.path))
+        except Exception as e:
+            message = str(e)
+            if "Weights only load failed" in message or type(e).__name__ == "UnpicklingError":
                 raise CheckpointError(
-                    f"{path}: refused: the file holds pickled objects other than tensors (possibly code); "
-                    f"only plain state dicts are read (torch.load(weights_only=True)). Details: {str(e).splitlines()[0]}"
+                    f"{path}: refused: the file holds pickled objects other than tensors and plain "
+                    f"containers (possibly code). Only state dicts are read (torch.load(weights_only=True))."
                 ) from None
-            try:
-                obj = torch.load(self.path, map_location="cpu", weights_only=True)
-            except Exception as e2:
-                raise CheckpointError(f"{path}: cannot read as a torch checkpoint: {e2}") from None
+            raise CheckpointError(f"{path}: cannot read as a torch checkpoint: {message.splitlines()[0]}") from None
         if state_dict_key is not None:
             if not isinstance(obj, Mapping) or state_dict_key not in obj:
                 raise CheckpointError(f"{path}: expected a dict with key {state_dict_key!r}")

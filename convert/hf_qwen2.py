@@ -62,6 +62,12 @@ def read_config(path: str | os.PathLike, **overrides: Any) -> Qwen2Config:
         hf = json.loads(cfg_file.read_text())
     except ValueError as e:
         raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
+    # Keep the checkpoint's own dtype unless asked otherwise: round trips stay bit-exact and
+    # a bf16 release is not silently doubled in memory.
+    stored = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+    stored = "bfloat16" if stored == "bfloat16" else "float32"
+    overrides.setdefault("param_dtype", stored)
+    overrides.setdefault("dtype", overrides["param_dtype"])
     return Qwen2Config.from_hf(hf, **overrides)
 
 

@@ -1,0 +1,482 @@
+"""The embedded speech corpus, made offline: espeak-ng (through ctypes) speaks template texts
+with emotion prosody, procedural background sounds are mixed in at random SNRs, and every
+utterance gets a caption.
+
+Everything is a pure function of (seed, split, index), so a corpus is reproducible and the
+records of a split can be made in any order by any number of processes.
+
+espeak-ng's library and voice data come from the `espeakng-loader` wheel; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import hashlib
+import itertools
+import json
+import threading
+from typing import Any
+
+import numpy as np
+from scipy import signal
+
+SAMPLE_RATE = 16000
+ESPEAK_RATE = 22050  # espeak-ng's native output rate
+
+SPLITS = ("train", "validation", "test")
+EMOTIONS = ("neutral", "happy", "sad", "angry")
+# "silence" is the label of a clip with no background event.
+EVENTS = ("beep", "siren", "knock", "noise_burst", "music", "rain", "silence")
+KINDS = ("question", "statement", "request", "dialogue")
+
+ACCENTS = {
+    "en-us": "an American",
+    "en": "a British",
+    "en-gb-x-rp": "a southern British",
+    "en-gb-scotland": "a Scottish",
+    "en-029": "a Caribbean",
+    "en-us-nyc": "a New York",
+}
+VARIANTS = {
+    **{f"m{i}": "man" for i in range(1, 8)},
+    **{f"f{i}": "woman" for i in range(1, 6)},
+}
+# Replies (talker training targets) are always spoken by this voice with neutral prosody.
+REPLY_VOICE = "en-us+f2"
+
+MAX_SPEECH_SECONDS = 3.6  # speech part of an utterance; the clip adds 0.1-0.3 s either side
+
+
+@dataclasses.dataclass(frozen=True)
+class Prosody:
+    """espeak-ng parameters: rate in words/minute, pitch and pitch range 0-100, volume 0-200."""
+
+    rate: int
+    pitch: int
+    pitch_range: int
+    volume: int
+
+
+# Emotions are realised through prosody only: espeak has no emotional voices.
+EMOTION_PROSODY = {
+    "neutral": Prosody(rate=165, pitch=50, pitch_range=45, volume=100),
+    "happy": Prosody(rate=190, pitch=72, pitch_range=90, volume=125),
+    "sad": Prosody(rate=125, pitch=30, pitch_range=12, volume=65),
+    "angry": Prosody(rate=205, pitch=58, pitch_range=75, volume=175),
+}
+
+
+def jitter_prosody(p: Prosody, rng: np.random.Generator, amount: float = 0.1) -> Prosody:
+    """Varies a preset by up to +-amount so that emotions overlap a little, like real voices."""
+
+    def j(v: int, lo: int, hi: int) -> int:
+        return int(np.clip(round(v * (1 + rng.uniform(-amount, amount))), lo, hi))
+
+    return Prosody(j(p.rate, 80, 400), j(p.pitch, 0, 99), j(p.pitch_range, 0, 99), j(p.volume, 10, 200))
+
+
+# --------------------------------------------------------------------------- espeak-ng
+
+
+class EspeakError(RuntimeError):
+    pass
+
+
+_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+_AUDIO_OUTPUT_SYNCHRONOUS = 2
+_POS_CHARACTER = 1
+_CHARS_UTF8 = 1
+_PARAM = {"rate": 1, "volume": 2, "pitch": 3, "pitch_range": 4}
+
+
+class Espeak:
+    """espeak-ng in this process. The library keeps global state, so there is one per process
+    (`espeak()`), used under a lock."""
+
+    def __init__(self):
+        try:
+            import espeakng_loader
+        except ImportError as e:  # pragma: no cover - a declared dependency
+            raise EspeakError("espeakng-loader is not installed (pip install espeakng-loader)") from e
+        self._lib = lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.espeak_Initialize.restype = ctypes.c_int
+        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.espeak_Synth.argtypes = [
+            ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
+            ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
+        ]  # fmt: skip
+        rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0)
+        if rate != ESPEAK_RATE:
+            raise EspeakError(f"espeak-ng failed to initialise (returned {rate})")
+        self._chunks: list[np.ndarray] = []
+        # Keep a reference: ctypes callbacks are freed with their Python object.
+        self._callback = _SYNTH_CALLBACK(self._on_audio)
+        lib.espeak_SetSynthCallback(self._callback)
+        self._lock = threading.Lock()
+
+    def _on_audio(self, wav, n, _events) -> int:
+        if n > 0:
+            self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        return 0
+
+    def synth(self, text: str, voice: str, prosody: Prosody) -> np.ndarray:
+        """Speaks `text` -> int16 PCM at 22050 Hz."""
+        data = text.encode("utf-8")
+        with self._lock:
+            self._chunks = []
+            if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
+                raise EspeakError(f"espeak-ng has no voice {voice!r}")
+            for name, value in dataclasses.asdict(prosody).items():
+                self._lib.espeak_SetParameter(_PARAM[name], int(value), 0)
+            err = self._lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
+            if err != 0:
+                raise EspeakError(f"espeak_Synth failed ({err}) for {text!r}")
+            self._lib.espeak_Synchronize()
+            chunks, self._chunks = self._chunks, []
+        return np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
+
+
+_ESPEAK: Espeak | None = None
+
+
+def espeak() -> Espeak:
+    global _ESPEAK
+    if _ESPEAK is None:
+        _ESPEAK = Espeak()
+    return _ESPEAK
+
+
+def speak(text: str, voice: str, prosody: Prosody) -> np.ndarray:
+    """Speech for `text` as float32 at 16 kHz, leading/trailing silence trimmed."""
+    pcm = espeak().synth(text, voice, prosody).astype(np.float32) / 32768.0
+    # 22050 -> 16000 = 320/441, polyphase with the default Kaiser anti-alias filter.
+    wav = signal.resample_poly(pcm, 320, 441).astype(np.float32)
+    loud = np.flatnonzero(np.abs(wav) > 1e-3)
+    return wav[loud[0] : loud[-1] + 1] if loud.size else wav
+
+
+# --------------------------------------------------------------------------- texts
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """What a speaker says (`text`), the assistant's answer (`reply`) and, for dialogues, the
+    earlier turns (`context`: (role, text) pairs, starting with the user)."""
+
+    kind: str
+    text: str
+    reply: str
+    context: tuple[tuple[str, str], ...] = ()
+
+
+_NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve".split()
+_NUMBERS += "thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty".split()
+_COLORS = {
+    "sky": "blue", "grass": "green", "snow": "white", "sun": "yellow", "coal": "black",
+    "banana": "yellow", "tomato": "red", "carrot": "orange", "lemon": "yellow", "cloud": "white",
+    "leaf": "green", "strawberry": "red", "night sky": "dark", "pumpkin": "orange",
+}  # fmt: skip
+_LEGS = {
+    "dog": 4, "cat": 4, "bird": 2, "spider": 8, "horse": 4, "duck": 2, "ant": 6, "cow": 4,
+    "chicken": 2, "beetle": 6, "frog": 4, "snake": 0, "fish": 0, "bee": 6, "goat": 4,
+}  # fmt: skip
+_CAPITALS = {
+    "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Egypt": "Cairo",
+    "Kenya": "Nairobi", "Canada": "Ottawa", "Peru": "Lima", "Norway": "Oslo", "Greece": "Athens",
+    "Ireland": "Dublin", "Chile": "Santiago", "Cuba": "Havana", "Poland": "Warsaw",
+    "Austria": "Vienna", "Portugal": "Lisbon", "Germany": "Berlin", "Sweden": "Stockholm",
+}  # fmt: skip
+_OPPOSITES = {
+    "hot": "cold", "up": "down", "early": "late", "big": "small", "fast": "slow", "happy": "sad",
+    "open": "closed", "light": "dark", "full": "empty", "loud": "quiet", "old": "new",
+    "wet": "dry", "high": "low", "soft": "hard", "near": "far", "thick": "thin",
+}  # fmt: skip
+_DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+_MONTHS = "January February March April May June July August September October November December".split()
+_PLACES = "park, market, library, beach, station, museum, bakery, gym, office, garden, river, zoo".split(", ")
+_TIMES = "this morning, last night, yesterday, today, on Sunday, after lunch, before work".split(", ")
+_PAST = {"went to": "How was the {p}?", "walked to": "Was it a nice walk to the {p}?",
+         "cycled to": "Cycling is great. Was the {p} busy?", "drove to": "Was there much traffic to the {p}?"}  # fmt: skip
+_FEELINGS = {
+    "I finally finished my project": "Congratulations, that is a great achievement.",
+    "I lost my keys again": "I am sorry. Did you check your coat pockets?",
+    "My team won the game": "Well done, that must feel wonderful.",
+    "I missed the last bus": "That is frustrating. Can you get a taxi?",
+    "The cake turned out perfect": "Lovely, baking is so satisfying.",
+    "It has rained all week": "That sounds gloomy. Hopefully the sun returns soon.",
+    "I got a new puppy": "How exciting. What is its name?",
+    "My phone screen cracked": "Oh no. A repair shop can often fix it quickly.",
+    "The concert was amazing": "I am glad you enjoyed it.",
+    "I could not sleep last night": "I am sorry. A short walk might help you rest.",
+}
+_DEVICES = "lights, heater, fan, radio, television, oven, kettle, music".split(", ")
+_ROOMS = "kitchen, bedroom, living room, hallway, office, bathroom".split(", ")
+_ACTIONS = {"turn on": "turning on", "turn off": "turning off", "check": "checking"}
+_TASKS = "call my sister, buy milk, water the plants, feed the cat, send the email, take my pills".split(", ")
+_CLOCK = "six, seven, eight, nine, ten, noon".split(", ")
+_TRIPS = {
+    "What should I pack?": "Pack comfortable shoes and a light jacket for {c}.",
+    "What should I see there?": "The old town of {c} is worth a long walk.",
+    "How long should I stay?": "Three or four days in {c} is a good start.",
+}
+_FOODS = "pasta, soup, curry, pancakes, salad, rice".split(", ")
+
+
+def all_prompts() -> list[Prompt]:
+    """Every text the corpus can speak, in a fixed order."""
+    out: list[Prompt] = []
+    ops = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
+    for (name, op), a, b in itertools.product(ops.items(), range(13), range(13)):
+        r = op(a, b)
+        if 0 <= r <= 20:
+            out.append(Prompt("question", f"What is {_NUMBERS[a]} {name} {_NUMBERS[b]}?",
+                              f"{_NUMBERS[a].capitalize()} {name} {_NUMBERS[b]} is {_NUMBERS[r]}."))  # fmt: skip
+    for thing, color in _COLORS.items():
+        out.append(Prompt("question", f"What color is the {thing}?", f"The {thing} is {color}."))
+    for animal, n in _LEGS.items():
+        out.append(Prompt("question", f"How many legs does a {animal} have?", f"A {animal} has {_NUMBERS[n]} legs."))
+    for country, city in _CAPITALS.items():
+        out.append(Prompt("question", f"What is the capital of {country}?", f"The capital of {country} is {city}."))
+    for i, day in enumerate(_DAYS):
+        out.append(Prompt("question", f"What day comes after {day}?", f"After {day} comes {_DAYS[(i + 1) % 7]}."))
+    for i, month in enumerate(_MONTHS):
+        out.append(Prompt("question", f"Which month follows {month}?", f"{_MONTHS[(i + 1) % 12]} follows {month}."))
+    for word, opposite in _OPPOSITES.items():
+        out.append(Prompt("question", f"What is the opposite of {word}?", f"The opposite of {word} is {opposite}."))
+    for (verb, reply), place, when in itertools.product(_PAST.items(), _PLACES, _TIMES):
+        out.append(Prompt("statement", f"I {verb} the {place} {when}.", reply.format(p=place)))
+    for (feeling, reply), when in itertools.product(_FEELINGS.items(), ("", " today", " again")):
+        out.append(Prompt("statement", f"{feeling}{when}.", reply))
+    for (action, doing), device, room in itertools.product(_ACTIONS.items(), _DEVICES, _ROOMS):
+        out.append(Prompt("request", f"Please {action} the {device} in the {room}.",
+                          f"Okay, {doing} the {device} in the {room}."))  # fmt: skip
+    for n in range(1, 21):
+        out.append(Prompt("request", f"Set a timer for {_NUMBERS[n]} minutes.", f"A {_NUMBERS[n]} minute timer is running."))
+    for task, clock in itertools.product(_TASKS, _CLOCK):
+        at = "at noon" if clock == "noon" else f"at {clock}"
+        out.append(Prompt("request", f"Remind me to {task} {at}.", f"I will remind you to {task} {at}."))
+    for (question, reply), city, day in itertools.product(_TRIPS.items(), _CAPITALS.values(), _DAYS[:5]):
+        context = (("user", f"I am visiting {city} on {day}."), ("assistant", "How exciting. How can I help?"))
+        out.append(Prompt("dialogue", question, reply.format(c=city), context))
+    for food, (action, _) in itertools.product(_FOODS, list(_ACTIONS.items())[:2]):
+        context = (("user", f"I am cooking {food} tonight."), ("assistant", "Sounds tasty. Anything I can do?"))
+        out.append(Prompt("dialogue", f"Please {action} the oven.", f"Sure, I will {action} the oven for your {food}."))
+        out[-1] = dataclasses.replace(out[-1], context=context)
+    return out
+
+
+def split_of(prompt: Prompt) -> str:
+    """Train/validation/test by a stable hash of everything the user says, so the three splits
+    never share a text, whatever the corpus size or seed."""
+    key = json.dumps([prompt.context, prompt.text]).encode()
+    bucket = int.from_bytes(hashlib.sha256(key).digest()[:4], "little") % 100
+    return "train" if bucket < 80 else "validation" if bucket < 90 else "test"
+
+
+def prompts_for(split: str) -> list[Prompt]:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+    return [p for p in all_prompts() if split_of(p) == split]
+
+
+# --------------------------------------------------------------------------- background events
+
+
+def _fade(x: np.ndarray, ms: float = 5.0) -> np.ndarray:
+    n = min(len(x) // 2, int(SAMPLE_RATE * ms / 1000))
+    if n > 0:
+        ramp = np.linspace(0.0, 1.0, n, dtype=np.float32)
+        x[:n] *= ramp
+        x[-n:] *= ramp[::-1]
+    return x
+
+
+def _tone(freq: float, seconds: float, harmonics: int = 1) -> np.ndarray:
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    x = sum(np.sin(2 * np.pi * freq * (h + 1) * t) / (h + 1) for h in range(harmonics))
+    return _fade(np.asarray(x, np.float32))
+
+
+def make_event(name: str, rng: np.random.Generator, max_samples: int) -> np.ndarray:
+    """One procedurally generated sound event (float32, 16 kHz, peak ~1)."""
+    sr = SAMPLE_RATE
+    if name == "beep":
+        freq, dur, gap = rng.uniform(500, 2000), rng.uniform(0.08, 0.25), rng.uniform(0.05, 0.2)
+        beep = _tone(freq, dur)
+        parts = [np.concatenate([beep, np.zeros(int(gap * sr), np.float32)])] * int(rng.integers(1, 4))
+        x = np.concatenate(parts)
+    elif name == "siren":
+        dur = rng.uniform(0.8, 2.0)
+        t = np.arange(int(dur * sr)) / sr
+        lo, hi, rate = rng.uniform(500, 800), rng.uniform(1000, 1600), rng.uniform(0.5, 2.0)
+        freq = lo + (hi - lo) * 0.5 * (1 - np.cos(2 * np.pi * rate * t))
+        x = _fade(np.sin(2 * np.pi * np.cumsum(freq) / sr).astype(np.float32), 20)
+    elif name == "knock":
+        n_knocks, spacing = int(rng.integers(2, 6)), rng.uniform(0.12, 0.3)
+        hit_len = int(0.06 * sr)
+        env = np.exp(-np.arange(hit_len) / (0.008 * sr))
+        b, a = signal.butter(2, rng.uniform(150, 500) / (sr / 2))
+        hit = signal.lfilter(b, a, rng.standard_normal(hit_len)) * env
+        x = np.zeros(int(spacing * sr * n_knocks) + hit_len, np.float32)
+        for k in range(n_knocks):
+            start = int(k * spacing * sr)
+            x[start : start + hit_len] += hit
+    elif name == "noise_burst":
+        x = _fade(rng.standard_normal(int(rng.uniform(0.1, 0.4) * sr)).astype(np.float32), 10)
+    elif name == "music":
+        scale = 261.63 * 2 ** (np.array([0, 2, 4, 5, 7, 9, 11, 12]) / 12)
+        if rng.random() < 0.5:  # a chord
+            root = int(rng.integers(0, 4))
+            x = sum(_tone(scale[root + k], 1.0, harmonics=3) for k in (0, 2, 4))
+        else:  # a melody
+            notes = rng.integers(0, len(scale), size=int(rng.integers(3, 7)))
+            x = np.concatenate([_tone(scale[n], rng.uniform(0.15, 0.3), harmonics=3) for n in notes])
+    elif name == "rain":
+        dur = rng.uniform(1.5, 4.0)
+        b, a = signal.butter(2, [1000 / (sr / 2), 6000 / (sr / 2)], btype="band")
+        x = 0.3 * signal.lfilter(b, a, rng.standard_normal(int(dur * sr)))
+        drops = rng.integers(0, len(x), size=int(dur * 40))
+        x[drops] += rng.uniform(-1, 1, size=drops.size)
+        x = _fade(x.astype(np.float32), 50)
+    elif name == "silence":
+        x = np.zeros(0, np.float32)
+    else:
+        raise ValueError(f"unknown event {name!r}; use one of {EVENTS}")
+    x = np.asarray(x, np.float32)[:max_samples]
+    peak = np.abs(x).max() if x.size else 0.0
+    return x / peak if peak > 0 else x
+
+
+def _rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x)))) if x.size else 0.0
+
+
+def mix_events(speech: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[str, float]]]:
+    """Adds 0-2 background events at random offsets; each at a random SNR (dB, speech RMS over
+    event RMS) in [0, 20]. Returns the mix and [(event, snr_db)]."""
+    n_events = int(rng.choice(3, p=[0.3, 0.5, 0.2]))
+    names = rng.choice(len(EVENTS) - 1, size=n_events, replace=False)  # excludes "silence"
+    out, placed = speech.copy(), []
+    speech_rms = _rms(speech) or 1e-3
+    for i in sorted(names):
+        name = EVENTS[i]
+        event = make_event(name, rng, len(speech))
+        snr_db = float(rng.uniform(0.0, 20.0))
+        event *= speech_rms / (_rms(event) * 10 ** (snr_db / 20))
+        start = int(rng.integers(0, len(speech) - len(event) + 1))
+        out[start : start + len(event)] += event
+        placed.append((name, snr_db))
+    peak = np.abs(out).max()
+    if peak > 0.99:  # keep int16 storage from clipping; relative levels are unchanged
+        out *= 0.99 / peak
+    return out, placed
+
+
+# --------------------------------------------------------------------------- captions
+
+_EVENT_PHRASES = {
+    "beep": "electronic beeping",
+    "siren": "a wailing siren",
+    "knock": "knocking",
+    "noise_burst": "a sudden burst of noise",
+    "music": "a few musical notes",
+    "rain": "rain",
+}
+_EMOTION_WORDS = {"neutral": "calm and neutral", "happy": "happy", "sad": "sad", "angry": "angry"}
+
+
+def describe_voice(voice: str) -> str:
+    lang, variant = voice.split("+")
+    return f"{ACCENTS[lang].capitalize()} {VARIANTS[variant]}"
+
+
+def caption(voice: str, emotion: str, prosody: Prosody, events: list[tuple[str, float]]) -> str:
+    pace = "slowly" if prosody.rate < 150 else "quickly" if prosody.rate > 185 else "at an even pace"
+    loud = " and softly" if prosody.volume < 85 else " and loudly" if prosody.volume > 145 else ""
+    pitch = "low" if prosody.pitch < 40 else "high" if prosody.pitch > 62 else "medium-pitched"
+    shape = "flat" if prosody.pitch_range < 30 else "lively" if prosody.pitch_range > 70 else "steady"
+    text = f"{describe_voice(voice)} speaks {pace}{loud} in a {pitch}, {shape} voice, sounding {_EMOTION_WORDS[emotion]}."
+    if not events:
+        return text + " The background is quiet."
+    phrases = []
+    for name, snr in events:
+        level = "faint " if snr >= 13 else "loud " if snr < 5 else ""
+        phrases.append(level + _EVENT_PHRASES[name])
+    return text + " In the background: " + " and ".join(phrases) + "."
+
+
+# --------------------------------------------------------------------------- utterances
+
+
+def voices() -> list[str]:
+    return [f"{lang}+{variant}" for lang in ACCENTS for variant in VARIANTS]
+
+
+def _speak_fitting(text: str, voice: str, prosody: Prosody, max_seconds: float) -> np.ndarray:
+    """Speaks faster until the speech fits (a slow sad voice can overrun a long sentence)."""
+    for _ in range(4):
+        wav = speak(text, voice, prosody)
+        if len(wav) <= max_seconds * SAMPLE_RATE:
+            return wav
+        prosody = dataclasses.replace(prosody, rate=int(prosody.rate * 1.25))
+    return wav[: int(max_seconds * SAMPLE_RATE)]
+
+
+def to_int16(x: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
+def make_utterance(prompt: Prompt, seed: int, split: str, index: int) -> dict[str, Any]:
+    """One corpus record (the TFDS feature dict of `builders.FEATURES`)."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    all_voices = voices()
+    voice = all_voices[int(rng.integers(len(all_voices)))]
+    emotion = EMOTIONS[int(rng.integers(len(EMOTIONS)))]
+    prosody = jitter_prosody(EMOTION_PROSODY[emotion], rng)
+
+    speech = _speak_fitting(prompt.text, voice, prosody, MAX_SPEECH_SECONDS)
+    pad = [np.zeros(int(rng.uniform(0.1, 0.3) * SAMPLE_RATE), np.float32) for _ in range(2)]
+    clip, events = mix_events(np.concatenate([pad[0], speech, pad[1]]), rng)
+    labels = sorted({name for name, _ in events}) or ["silence"]
+
+    neutral = EMOTION_PROSODY["neutral"]
+    reply_audio = _speak_fitting(prompt.reply, REPLY_VOICE, neutral, 2 * MAX_SPEECH_SECONDS)
+    context_audio, context_lengths = [], []
+    for role, text in prompt.context:  # earlier user turns in the same voice, for interleaving
+        wav = _speak_fitting(text, voice, prosody, MAX_SPEECH_SECONDS) if role == "user" else np.zeros(0, np.float32)
+        context_audio.append(wav)
+        context_lengths.append(len(wav))
+
+    return {
+        "id": f"synth-{split}-{index:07d}",
+        "audio": to_int16(clip),
+        "transcript": prompt.text,
+        "emotion": emotion,
+        "events": ",".join(labels),
+        "caption": caption(voice, emotion, prosody, events),
+        "voice": voice,
+        "kind": prompt.kind,
+        "reply": prompt.reply,
+        "reply_audio": to_int16(reply_audio),
+        "context": json.dumps([{"role": r, "text": t} for r, t in prompt.context]),
+        "context_audio": to_int16(np.concatenate(context_audio)) if context_audio else np.zeros(0, np.int16),
+        "context_audio_lengths": np.asarray(context_lengths, np.int32),
+        "speech_tokens": np.zeros(0, np.int32),
+        "reply_speech_tokens": np.zeros(0, np.int32),
+    }
+
+
+def corpus_texts(split: str = "train") -> list[str]:
+    """Texts for training the tokenizer: everything a sample of this split can contain
+    (captions depend on the random draws, so their vocabulary is enumerated here)."""
+    texts = []
+    for p in prompts_for(split):
+        texts += [p.text, p.reply] + [t for _, t in p.context]
+    for voice in voices():
+        for emotion, prosody in EMOTION_PROSODY.items():
+            texts.append(caption(voice, emotion, prosody, [(e, 10.0) for e in EVENTS[:-1]]))
+    texts += list(EMOTIONS) + [", ".join(EVENTS)] + [f"faint {p}" for p in _EVENT_PHRASES.values()]
+    return texts
