@@ -383,7 +383,7 @@ def load_into(
     for key, ours, transform in _progress(plan, len(plan), f"loading {what}", progress):
         host = transform.to_ours(source.get(key))
         dtype = targets[ours].dtype
-        host = np.ascontiguousarray(host).astype(dtype, copy=False)
+        host = np.asarray(host, order="C").astype(dtype, copy=False)  # (ascontiguousarray would make 0-d scalars [1])
         if host.dtype.kind == "f" or host.dtype.name == "bfloat16":
             if not np.isfinite(host.astype(np.float32)).all():
                 raise CheckpointError(f"{what}: {key} holds NaN or inf values")
@@ -437,7 +437,8 @@ def export_tensors(model: nnx.Module, table: KeyTable, *, skip: Iterable[str] = 
         key, transform = mapped
         value = var.get_value()
         host = np.asarray(jax.device_get(value))
-        yield key, np.ascontiguousarray(transform.to_theirs(host))
+        # np.asarray(order="C"), not ascontiguousarray: that one turns 0-d scalars into [1] arrays.
+        yield key, np.asarray(transform.to_theirs(host), order="C")
 
 
 def save_safetensors(tensors: Iterable[tuple[str, np.ndarray]], path: str | os.PathLike, *, max_shard_bytes: int | None = None, metadata: dict | None = None) -> None:
@@ -484,8 +485,11 @@ def save_orbax(model: nnx.Module, out_dir: str | os.PathLike, *, component: str,
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     state = nnx.state(model)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(out_dir / "state", nnx.to_pure_dict(state), force=True)
+    # Bounding the device->host staging keeps a converter's peak memory near one model copy
+    # (on CPU "devices" the model already lives in host RAM).
+    handler = ocp.PyTreeCheckpointHandler(save_device_host_concurrent_gb=0.25)
+    with ocp.Checkpointer(handler) as ckptr:
+        ckptr.save(out_dir / "state", args=ocp.args.PyTreeSave(nnx.to_pure_dict(state)), force=True)
     if jax.process_index() == 0:
         (out_dir / META_FILE).write_text(
             json.dumps({"component": component, "config": dict(config), **(dict(extra) if extra else {})}, indent=2, default=str)

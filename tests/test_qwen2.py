@@ -340,3 +340,21 @@ def test_cli_convert_export_and_generate(tmp_path):
     r = subprocess.run(exe + ["generate", "--checkpoint", str(tmp_path / "ckpt"), "--tokenizer", str(tok), "--prompt", "hello", "--prompt", "how are you", "--max-new-tokens", "5"], **env_run)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip().splitlines()) >= 1
+
+
+def test_real_qwen25_configs_derive_from_config_json():
+    from hellochat_jax.nn.qwen2 import Qwen2Config
+
+    # The fields of Qwen2.5-7B-Instruct's config.json that matter (as published).
+    hf_7b = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
+             "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+             "rope_theta": 1000000.0, "sliding_window": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+             "use_sliding_window": False, "vocab_size": 152064, "max_position_embeddings": 32768, "max_window_layers": 28}
+    cfg = Qwen2Config.from_hf(hf_7b)
+    assert (cfg.head_dim, cfg.num_key_value_heads, cfg.tie_word_embeddings) == (128, 4, False)
+    hf_05b = dict(hf_7b, hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_hidden_layers=24,
+                  num_key_value_heads=2, tie_word_embeddings=True, vocab_size=151936)
+    cfg = Qwen2Config.from_hf(hf_05b)
+    assert (cfg.head_dim, cfg.tie_word_embeddings) == (64, True)
+    with pytest.raises(ValueError, match="sliding-window"):
+        Qwen2Config.from_hf(dict(hf_7b, use_sliding_window=True))
