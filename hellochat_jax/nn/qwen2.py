@@ -151,7 +151,7 @@ class Qwen2Attention(nnx.Module):
         positions: jax.Array,
         q_segment: jax.Array,
         q_slot: jax.Array,
-        cache_kv: tuple[jax.Array, jax.Array] | None,
+        cache_kv: tuple[jax.Array, jax.Array, int] | None,
         kv_segment: jax.Array,
         write_index: jax.Array | None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
@@ -163,10 +163,13 @@ class Qwen2Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, kvh, d)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         if cache_kv is not None:
-            ck, cv = cache_kv
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, write_index, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, write_index, 0, 0))
-            k, v, new_kv = ck, cv, (ck, cv)
+            # Write into the stacked [layers, ...] cache in place (XLA aliases the update
+            # inside the decode loop), then read this layer's slice back.
+            ck, cv, layer = cache_kv
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (layer, 0, write_index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (layer, 0, write_index, 0, 0))
+            new_kv = (ck, cv)
+            k, v = ck[layer], cv[layer]
         else:
             new_kv = None
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
@@ -280,19 +283,17 @@ class Qwen2Model(nnx.Module):
                 raise ValueError(f"remat={self.cfg.remat!r}; choose none or one of {sorted(REMAT_POLICIES)}")
             block_fn = nnx.remat(block_fn, policy=REMAT_POLICIES[self.cfg.remat])
 
-        new_k, new_v = [], []
         if self.cfg.scan_layers and cache is None:
             x = self._scan_layers(block_fn, x)
         else:
+            ck, cv = (cache.k, cache.v) if cache is not None else (None, None)
             for i, block in enumerate(self.layers):
-                cache_kv = (cache.k[i], cache.v[i]) if cache is not None else None
-                x, kv = block_fn(block, x, cache_kv)
+                x, kv = block_fn(block, x, (ck, cv, i) if cache is not None else None)
                 if kv is not None:
-                    new_k.append(kv[0])
-                    new_v.append(kv[1])
+                    ck, cv = kv
         x = self.norm(x)
         if cache is not None:
-            cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), kv_segment, cache.index + t)
+            cache = KVCache(ck, cv, kv_segment, cache.index + t)
         return x, cache
 
     def _scan_layers(self, block_fn, x):
