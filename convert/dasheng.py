@@ -162,7 +162,7 @@ def state_dict(model: DashengEncoder, cfg: DashengConfig) -> "OrderedDict[str, A
     out = OrderedDict()
     for key in sorted(tensors, key=_release_order):
         value = tensors[key]
-        out[key] = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+        out[key] = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value, order="C"))
     return out
 
 

@@ -198,19 +198,21 @@ def export_state_dict(model: S3Tokenizer) -> dict[str, Any]:
     import torch
 
     tensors = dict(export_tensors(model, TABLE))
-    return {k: torch.from_numpy(np.ascontiguousarray(tensors[k])) for k in sorted(tensors, key=_reference_order)}
+    return {k: torch.from_numpy(np.array(tensors[k], order="C")) for k in sorted(tensors, key=_reference_order)}
 
 
 def export(model: S3Tokenizer, cfg: S3TokenizerConfig, path: str | os.PathLike) -> Path:
-    """Writes the package's format: a folder with speech_tokenizer_v2_25hz.pt + config.json
-    (or, for a path ending in .pt, that file with config.json beside it). Returns the .pt path."""
+    """Writes the package's format and returns the .pt path: into a folder, speech_tokenizer_v2_25hz.pt
+    plus config.json (the package's ModelConfig); to a path ending in .pt, that file alone (e.g.
+    into a release folder: the sizes are read back off the tensor shapes)."""
     import torch
 
     path = Path(path)
     pt = path if path.suffix == ".pt" else path / PT_NAME
     pt.parent.mkdir(parents=True, exist_ok=True)
     torch.save(export_state_dict(model), pt)
-    (pt.parent / "config.json").write_text(json.dumps(cfg.to_reference(), indent=2))
+    if path.suffix != ".pt":
+        (path / "config.json").write_text(json.dumps(cfg.to_reference(), indent=2))
     return pt
 
 
@@ -227,7 +229,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--export", action="store_true", help="read a converted (Orbax) folder and write the package's .pt + config.json")
     p.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=2,tensor=2 (default: all devices on data)")
-    p.set_defaults(run=run_cli)
+    p.set_defaults(convert_fn=run_cli)
     return p
 
 
@@ -237,7 +239,7 @@ def run_cli(args: argparse.Namespace) -> int:
         if args.export:
             cfg, model = load_converted(args.checkpoint, mesh)
             pt = export(model, cfg, args.out)
-            print(f"wrote {pt} and {pt.parent / 'config.json'}")
+            print(f"wrote {pt}")
         else:
             cfg, model = load(args.checkpoint, mesh, progress=True)
             out = save(model, cfg, args.out)

@@ -198,6 +198,10 @@ def check_static(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"data.synthetic.vocab_size={d.synthetic.vocab_size} exceeds model.thinker.vocab_size={m.thinker.vocab_size}"
         )
+    if d.source == "corpus":
+        from hellochat_jax.train.corpus import pipeline_config
+
+        pipeline_config(cfg)  # the pipeline's own fields, type-checked
     if cfg.max_bad_steps < 1:
         raise ConfigError(f"max_bad_steps={cfg.max_bad_steps}: must be >= 1")
     for axis in MESH_AXES:

@@ -1,5 +1,5 @@
-"""The embedded speech corpus, made offline: espeak-ng (through ctypes) speaks template texts
-with emotion prosody, procedural background sounds are mixed in at random SNRs, and every
+"""The embedded speech corpus, made offline: espeak-ng (through ctypes, in a helper process:
+see espeak_server.py) speaks template texts with emotion prosody, procedural background sounds are mixed in at random SNRs, and every
 utterance gets a caption.
 
 Everything is a pure function of (seed, split, index), so a corpus is reproducible and the
@@ -10,16 +10,20 @@ espeak-ng's library and voice data come from the `espeakng-loader` wheel; nothin
 
 from __future__ import annotations
 
-import ctypes
+import atexit
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
+import os
+import struct
+import subprocess
+import sys
 import threading
 from typing import Any
 
 import numpy as np
-from scipy import signal
 
 SAMPLE_RATE = 16000
 ESPEAK_RATE = 22050  # espeak-ng's native output rate
@@ -78,84 +82,98 @@ def jitter_prosody(p: Prosody, rng: np.random.Generator, amount: float = 0.1) ->
 
 # --------------------------------------------------------------------------- espeak-ng
 
-
 class EspeakError(RuntimeError):
     pass
 
 
-_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
-_AUDIO_OUTPUT_SYNCHRONOUS = 2
-_POS_CHARACTER = 1
-_CHARS_UTF8 = 1
-_PARAM = {"rate": 1, "volume": 2, "pitch": 3, "pitch_range": 4}
-
-
 class Espeak:
-    """espeak-ng in this process. The library keeps global state, so there is one per process
-    (`espeak()`), used under a lock."""
+    """Client of espeak_server: each utterance is spoken by a fresh fork of a process that has
+    initialised espeak-ng and never spoken, so the samples depend only on the arguments (espeak-ng
+    otherwise carries state from one utterance to the next). One server per client process."""
 
     def __init__(self):
-        try:
-            import espeakng_loader
-        except ImportError as e:  # pragma: no cover - a declared dependency
-            raise EspeakError("espeakng-loader is not installed (pip install espeakng-loader)") from e
-        self._lib = lib = ctypes.CDLL(espeakng_loader.get_library_path())
-        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        lib.espeak_Initialize.restype = ctypes.c_int
-        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.espeak_Synth.argtypes = [
-            ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-            ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
-        ]  # fmt: skip
-        rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0)
-        if rate != ESPEAK_RATE:
-            raise EspeakError(f"espeak-ng failed to initialise (returned {rate})")
-        self._chunks: list[np.ndarray] = []
-        # Keep a reference: ctypes callbacks are freed with their Python object.
-        self._callback = _SYNTH_CALLBACK(self._on_audio)
-        lib.espeak_SetSynthCallback(self._callback)
+        self._owner = os.getpid()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "hellochat_jax.data.espeak_server"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+        )  # fmt: skip
         self._lock = threading.Lock()
+        atexit.register(self.close)
 
-    def _on_audio(self, wav, n, _events) -> int:
-        if n > 0:
-            self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
-        return 0
+    def _read(self, n: int) -> bytes:
+        data = bytearray()
+        while len(data) < n:
+            chunk = self._proc.stdout.read(n - len(data))
+            if not chunk:
+                raise EspeakError(f"the espeak-ng helper process exited (code {self._proc.poll()})")
+            data += chunk
+        return bytes(data)
 
-    def synth(self, text: str, voice: str, prosody: Prosody) -> np.ndarray:
-        """Speaks `text` -> int16 PCM at 22050 Hz."""
-        data = text.encode("utf-8")
+    def synth(self, utterances: list[tuple[str, str, Prosody]], seed: int = 0) -> list[np.ndarray]:
+        """Speaks [(text, voice, prosody)], in order, from the fixed start state -> int16 PCM
+        at 22050 Hz each. `seed` seeds espeak-ng's breath noise."""
+        requests = [
+            {"text": text, "voice": voice, "seed": int(seed), **dataclasses.asdict(prosody)}
+            for text, voice, prosody in utterances
+        ]
+        out = []
         with self._lock:
-            self._chunks = []
-            if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
-                raise EspeakError(f"espeak-ng has no voice {voice!r}")
-            for name, value in dataclasses.asdict(prosody).items():
-                self._lib.espeak_SetParameter(_PARAM[name], int(value), 0)
-            err = self._lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
-            if err != 0:
-                raise EspeakError(f"espeak_Synth failed ({err}) for {text!r}")
-            self._lib.espeak_Synchronize()
-            chunks, self._chunks = self._chunks, []
-        return np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
+            try:
+                self._proc.stdin.write((json.dumps(requests) + "\n").encode())
+            except BrokenPipeError as e:
+                raise EspeakError(f"the espeak-ng helper process exited (code {self._proc.poll()})") from e
+            for _ in requests:
+                status, length = struct.unpack("<ii", self._read(8))
+                payload = self._read(length)
+                if status != 0:
+                    raise EspeakError(payload.decode("utf-8", "replace"))
+                out.append(np.frombuffer(payload, np.int16).copy())
+        return out
+
+    def close(self) -> None:
+        if os.getpid() == self._owner and self._proc.poll() is None:
+            self._proc.stdin.close()
+            self._proc.wait(timeout=10)
 
 
 _ESPEAK: Espeak | None = None
 
 
 def espeak() -> Espeak:
+    """This process's espeak-ng (a forked child must not share its parent's helper)."""
     global _ESPEAK
-    if _ESPEAK is None:
+    if _ESPEAK is None or _ESPEAK._owner != os.getpid():
         _ESPEAK = Espeak()
     return _ESPEAK
 
 
-def speak(text: str, voice: str, prosody: Prosody) -> np.ndarray:
-    """Speech for `text` as float32 at 16 kHz, leading/trailing silence trimmed."""
-    pcm = espeak().synth(text, voice, prosody).astype(np.float32) / 32768.0
-    # 22050 -> 16000 = 320/441, polyphase with the default Kaiser anti-alias filter.
-    wav = signal.resample_poly(pcm, 320, 441).astype(np.float32)
+@functools.cache
+def _resample_filter() -> np.ndarray:
+    from scipy import signal
+
+    # resample_poly's own default design for 22050 -> 16000 (= 320/441), made once: designing
+    # it on every call took a fifth of the corpus build time.
+    return signal.firwin(2 * 10 * 441 + 1, 1.0 / 441, window=("kaiser", 5.0)).astype(np.float32)
+
+
+def _to_16k(pcm: np.ndarray) -> np.ndarray:
+    """int16 at 22050 Hz -> float32 at 16 kHz, leading/trailing silence trimmed."""
+    from scipy import signal
+
+    wav = signal.resample_poly(pcm.astype(np.float32) / 32768.0, 320, 441, window=_resample_filter())
+    wav = wav.astype(np.float32)
     loud = np.flatnonzero(np.abs(wav) > 1e-3)
     return wav[loud[0] : loud[-1] + 1] if loud.size else wav
+
+
+def speak_many(utterances: list[tuple[str, str, Prosody]], seed: int = 0) -> list[np.ndarray]:
+    """[(text, voice, prosody)] -> speech for each as float32 at 16 kHz. The result is a
+    function of the arguments alone (one fresh espeak-ng state per call)."""
+    return [_to_16k(pcm) for pcm in espeak().synth(utterances, seed)]
+
+
+def speak(text: str, voice: str, prosody: Prosody, seed: int = 0) -> np.ndarray:
+    return speak_many([(text, voice, prosody)], seed)[0]
 
 
 # --------------------------------------------------------------------------- texts
@@ -164,12 +182,14 @@ def speak(text: str, voice: str, prosody: Prosody) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Prompt:
     """What a speaker says (`text`), the assistant's answer (`reply`) and, for dialogues, the
-    earlier turns (`context`: (role, text) pairs, starting with the user)."""
+    earlier turns (`context`: (role, text) pairs, starting with the user). Prompts with the
+    same `group` (default: the text) always land in the same split."""
 
     kind: str
     text: str
     reply: str
     context: tuple[tuple[str, str], ...] = ()
+    group: str = ""
 
 
 _NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve".split()
@@ -218,9 +238,10 @@ _ACTIONS = {"turn on": "turning on", "turn off": "turning off", "check": "checki
 _TASKS = "call my sister, buy milk, water the plants, feed the cat, send the email, take my pills".split(", ")
 _CLOCK = "six, seven, eight, nine, ten, noon".split(", ")
 _TRIPS = {
-    "What should I pack?": "Pack comfortable shoes and a light jacket for {c}.",
-    "What should I see there?": "The old town of {c} is worth a long walk.",
-    "How long should I stay?": "Three or four days in {c} is a good start.",
+    "What should I pack for {c}?": "Pack comfortable shoes and a light jacket for {c}.",
+    "What should I see in {c}?": "The old town of {c} is worth a long walk.",
+    "How long should I stay in {c}?": "Three or four days in {c} is a good start.",
+    "Is {c} expensive?": "Prices in {c} are moderate if you plan ahead.",
 }
 _FOODS = "pasta, soup, curry, pancakes, salad, rice".split(", ")
 
@@ -258,20 +279,24 @@ def all_prompts() -> list[Prompt]:
     for task, clock in itertools.product(_TASKS, _CLOCK):
         at = "at noon" if clock == "noon" else f"at {clock}"
         out.append(Prompt("request", f"Remind me to {task} {at}.", f"I will remind you to {task} {at}."))
+    # Dialogues about one city (or dish) share a group, so no split sees another's turns.
     for (question, reply), city, day in itertools.product(_TRIPS.items(), _CAPITALS.values(), _DAYS[:5]):
         context = (("user", f"I am visiting {city} on {day}."), ("assistant", "How exciting. How can I help?"))
-        out.append(Prompt("dialogue", question, reply.format(c=city), context))
-    for food, (action, _) in itertools.product(_FOODS, list(_ACTIONS.items())[:2]):
+        out.append(Prompt("dialogue", question.format(c=city), reply.format(c=city), context, group=city))
+    for food in _FOODS:
         context = (("user", f"I am cooking {food} tonight."), ("assistant", "Sounds tasty. Anything I can do?"))
-        out.append(Prompt("dialogue", f"Please {action} the oven.", f"Sure, I will {action} the oven for your {food}."))
-        out[-1] = dataclasses.replace(out[-1], context=context)
+        for action in ("turn on", "turn off"):
+            out.append(Prompt("dialogue", f"Please {action} the oven for the {food}.",
+                              f"Sure, I will {action} the oven for your {food}.", context, group=food))  # fmt: skip
+        out.append(Prompt("dialogue", f"How long should the {food} cook?",
+                          f"About twenty minutes is usually enough for {food}.", context, group=food))  # fmt: skip
     return out
 
 
 def split_of(prompt: Prompt) -> str:
-    """Train/validation/test by a stable hash of everything the user says, so the three splits
-    never share a text, whatever the corpus size or seed."""
-    key = json.dumps([prompt.context, prompt.text]).encode()
+    """Train/validation/test by a stable hash of the prompt's group, so the three splits never
+    share a text (spoken or in a dialogue's context), whatever the corpus size or seed."""
+    key = (prompt.group or prompt.text).encode()
     bucket = int.from_bytes(hashlib.sha256(key).digest()[:4], "little") % 100
     return "train" if bucket < 80 else "validation" if bucket < 90 else "test"
 
@@ -302,6 +327,8 @@ def _tone(freq: float, seconds: float, harmonics: int = 1) -> np.ndarray:
 
 def make_event(name: str, rng: np.random.Generator, max_samples: int) -> np.ndarray:
     """One procedurally generated sound event (float32, 16 kHz, peak ~1)."""
+    from scipy import signal
+
     sr = SAMPLE_RATE
     if name == "beep":
         freq, dur, gap = rng.uniform(500, 2000), rng.uniform(0.08, 0.25), rng.uniform(0.05, 0.2)
@@ -355,8 +382,8 @@ def _rms(x: np.ndarray) -> float:
 
 
 def mix_events(speech: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[str, float]]]:
-    """Adds 0-2 background events at random offsets; each at a random SNR (dB, speech RMS over
-    event RMS) in [0, 20]. Returns the mix and [(event, snr_db)]."""
+    """Adds 0-2 background events at random offsets; each at a random SNR in [0, 20] dB (speech
+    RMS over the RMS of the event's audible samples). Returns the mix and [(event, snr_db)]."""
     n_events = int(rng.choice(3, p=[0.3, 0.5, 0.2]))
     names = rng.choice(len(EVENTS) - 1, size=n_events, replace=False)  # excludes "silence"
     out, placed = speech.copy(), []
@@ -365,7 +392,8 @@ def mix_events(speech: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray
         name = EVENTS[i]
         event = make_event(name, rng, len(speech))
         snr_db = float(rng.uniform(0.0, 20.0))
-        event *= speech_rms / (_rms(event) * 10 ** (snr_db / 20))
+        # The level while the event sounds (gaps between knocks or beeps do not count).
+        event *= speech_rms / (_rms(event[np.abs(event) > 1e-3]) * 10 ** (snr_db / 20))
         start = int(rng.integers(0, len(speech) - len(event) + 1))
         out[start : start + len(event)] += event
         placed.append((name, snr_db))
@@ -390,7 +418,8 @@ _EMOTION_WORDS = {"neutral": "calm and neutral", "happy": "happy", "sad": "sad",
 
 def describe_voice(voice: str) -> str:
     lang, variant = voice.split("+")
-    return f"{ACCENTS[lang].capitalize()} {VARIANTS[variant]}"
+    accent = ACCENTS[lang]
+    return f"{accent[0].upper()}{accent[1:]} {VARIANTS[variant]}"
 
 
 def caption(voice: str, emotion: str, prosody: Prosody, events: list[tuple[str, float]]) -> str:
@@ -415,14 +444,22 @@ def voices() -> list[str]:
     return [f"{lang}+{variant}" for lang in ACCENTS for variant in VARIANTS]
 
 
-def _speak_fitting(text: str, voice: str, prosody: Prosody, max_seconds: float) -> np.ndarray:
-    """Speaks faster until the speech fits (a slow sad voice can overrun a long sentence)."""
-    for _ in range(4):
-        wav = speak(text, voice, prosody)
-        if len(wav) <= max_seconds * SAMPLE_RATE:
-            return wav
-        prosody = dataclasses.replace(prosody, rate=int(prosody.rate * 1.25))
-    return wav[: int(max_seconds * SAMPLE_RATE)]
+def _speak_fitting(utterances: list[tuple[str, str, Prosody]], max_samples: list[int], seed: int) -> list[np.ndarray]:
+    """Speaks, then speaks faster whatever overran its limit (a slow sad voice can overrun a
+    long sentence), up to three times; then cuts."""
+    wavs = speak_many(utterances, seed)
+    for _ in range(3):
+        over = [i for i, w in enumerate(wavs) if len(w) > max_samples[i]]
+        if not over:
+            break
+        faster = []
+        for i in over:
+            text, voice, p = utterances[i]
+            utterances[i] = (text, voice, dataclasses.replace(p, rate=int(p.rate * 1.25)))
+            faster.append(utterances[i])
+        for i, wav in zip(over, speak_many(faster, seed)):
+            wavs[i] = wav
+    return [w[:m] for w, m in zip(wavs, max_samples)]
 
 
 def to_int16(x: np.ndarray) -> np.ndarray:
@@ -437,18 +474,24 @@ def make_utterance(prompt: Prompt, seed: int, split: str, index: int) -> dict[st
     emotion = EMOTIONS[int(rng.integers(len(EMOTIONS)))]
     prosody = jitter_prosody(EMOTION_PROSODY[emotion], rng)
 
-    speech = _speak_fitting(prompt.text, voice, prosody, MAX_SPEECH_SECONDS)
+    espeak_seed = int(rng.integers(2**31))
+    neutral = EMOTION_PROSODY["neutral"]
+    limit = int(MAX_SPEECH_SECONDS * SAMPLE_RATE)
+    # One request: the utterance, the reply in the fixed voice, earlier user turns in this voice.
+    context_users = [i for i, (role, _) in enumerate(prompt.context) if role == "user"]
+    utterances = [(prompt.text, voice, prosody), (prompt.reply, REPLY_VOICE, neutral)]
+    utterances += [(prompt.context[i][1], voice, prosody) for i in context_users]
+    wavs = _speak_fitting(utterances, [limit, 2 * limit] + [limit] * len(context_users), espeak_seed)
+    speech, reply_audio = wavs[0], wavs[1]
+    prosody = utterances[0][2]  # as spoken: _speak_fitting may have sped it up
+    context_audio = [np.zeros(0, np.float32) for _ in prompt.context]
+    for i, wav in zip(context_users, wavs[2:]):
+        context_audio[i] = wav
+    context_lengths = [len(w) for w in context_audio]
+
     pad = [np.zeros(int(rng.uniform(0.1, 0.3) * SAMPLE_RATE), np.float32) for _ in range(2)]
     clip, events = mix_events(np.concatenate([pad[0], speech, pad[1]]), rng)
     labels = sorted({name for name, _ in events}) or ["silence"]
-
-    neutral = EMOTION_PROSODY["neutral"]
-    reply_audio = _speak_fitting(prompt.reply, REPLY_VOICE, neutral, 2 * MAX_SPEECH_SECONDS)
-    context_audio, context_lengths = [], []
-    for role, text in prompt.context:  # earlier user turns in the same voice, for interleaving
-        wav = _speak_fitting(text, voice, prosody, MAX_SPEECH_SECONDS) if role == "user" else np.zeros(0, np.float32)
-        context_audio.append(wav)
-        context_lengths.append(len(wav))
 
     return {
         "id": f"synth-{split}-{index:07d}",

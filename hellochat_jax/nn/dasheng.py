@@ -268,14 +268,16 @@ class MelBatchNorm(nnx.Module):
     def __init__(self, n_mels: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.scale = param(rngs, nnx.initializers.ones_init(), (n_mels,), ("conv",), param_dtype)
         self.bias = param(rngs, nnx.initializers.zeros_init(), (n_mels,), ("conv",), param_dtype)
-        self.mean = nnx.BatchStat(jnp.zeros((n_mels,), jnp.float32), out_sharding=("conv",))
-        self.var = nnx.BatchStat(jnp.ones((n_mels,), jnp.float32), out_sharding=("conv",))
+        # Stored in the checkpoint's dtype (bit-exact export), applied in float32.
+        self.mean = nnx.BatchStat(jnp.zeros((n_mels,), param_dtype), out_sharding=("conv",))
+        self.var = nnx.BatchStat(jnp.ones((n_mels,), param_dtype), out_sharding=("conv",))
         # Kept only so that export reproduces the release checkpoint bit for bit.
         self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32), out_sharding=())
 
     def __call__(self, mel_db: jax.Array) -> jax.Array:
-        inv = jax.lax.rsqrt(self.var[...] + BATCHNORM_EPS) * self.scale[...]
-        return (mel_db - self.mean[...]) * inv + self.bias[...]
+        f32 = lambda v: v[...].astype(jnp.float32)
+        inv = jax.lax.rsqrt(f32(self.var) + BATCHNORM_EPS) * f32(self.scale)
+        return (mel_db - f32(self.mean)) * inv + f32(self.bias)
 
 
 class Attention(nnx.Module):
@@ -397,11 +399,11 @@ class DashengEncoder(nnx.Module):
         Chunks are folded into the batch axis: they never attend to each other.
         """
         b, n, d = x.shape
-        c = self.cfg.chunk_patches
+        c = min(self.cfg.chunk_patches, n)  # audio shorter than a chunk is not padded to one
         chunks = -(-n // c)
         x = jnp.pad(x, ((0, 0), (0, chunks * c - n), (0, 0)))
         key_valid = jnp.arange(chunks * c)[None, :] < valid[:, None]
-        x = x.reshape(b, chunks, c, d) + (self.time_pos_embed[...] + self.freq_pos_embed[...]).astype(x.dtype)
+        x = x.reshape(b, chunks, c, d) + (self.time_pos_embed[:c] + self.freq_pos_embed[...]).astype(x.dtype)
         x = constrain(x.reshape(b * chunks, c, d), ("batch", "length", "audio_embed"))
         key_valid = key_valid.reshape(b * chunks, c)
         for block in self.blocks:

@@ -113,3 +113,22 @@ class Embed(nnx.Module):
 def gelu_exact(x: jax.Array) -> jax.Array:
     """torch.nn.GELU() default (erf form), not the tanh approximation."""
     return jax.nn.gelu(x, approximate=False)
+
+
+class KeySequence:
+    """Stands in for ``nnx.Rngs`` while a model builds its parameters: ``params()`` returns
+    ``fold_in(key, 1), fold_in(key, 2), ...`` from one key drawn from the real Rngs.
+
+    Why: every ``nnx.Rngs.params()`` call updates an RngCount Variable, and under tracing
+    (nnx.eval_shape, jit init) flax compares tracer shardings there, which makes jax build an
+    error message that scans the whole trace so far: building N parameters costs O(N^2)
+    (about 90 s for CosyVoice 2's 1121-tensor flow on 2 CPU cores; 2.5 s with this).
+    """
+
+    def __init__(self, rngs: "nnx.Rngs | KeySequence"):
+        self.key = rngs.params()
+        self.count = 0
+
+    def params(self) -> jax.Array:
+        self.count += 1
+        return jax.random.fold_in(self.key, self.count)

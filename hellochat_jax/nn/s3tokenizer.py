@@ -219,7 +219,18 @@ class FSMNAttention(nnx.Module):
         scores = scores + jnp.where(valid, 0.0, -1e10)[:, None, None, :]
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhts,bshd->bthd", probs, v, precision=self.precision).reshape(b, t, d)
-        return self.out(out) + memory
+        return _embed_layout(self.out(out)) + memory
+
+
+def _embed_layout(y: jax.Array) -> jax.Array:
+    """Pins a projection's output back to the activation layout before it is added to anything.
+
+    Needed for correctness, not speed: with XLA in jax 0.10.2 (Shardy and GSPMD alike, seen on
+    CPU), `dot(x, w) + m` with x [B, T, D] laid out (batch over data+fsdp, D over tensor), w over
+    (tensor, fsdp) and m like x returns wrong rows on a 2x2x2 mesh unless the dot's output
+    sharding is pinned.
+    """
+    return constrain(y, ("batch", "length", "audio_embed"))
 
 
 class S3Block(nnx.Module):
@@ -237,7 +248,7 @@ class S3Block(nnx.Module):
     def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
         x = x + self.attn(self.attn_ln(x), valid)
         h = constrain(gelu_exact(self.mlp_in(self.mlp_ln(x))), ("batch", "length", "audio_mlp"))
-        x = x + self.mlp_out(h)
+        x = x + _embed_layout(self.mlp_out(h))
         return constrain(x, ("batch", "length", "audio_embed"))
 
 
@@ -330,7 +341,8 @@ def tokenize(
     row is over 30 s (3000 mel frames), every row is cut into 30 s windows every 26 s (short
     rows are one window), the windows are tokenised in batches of `segment_batch`, and a long
     row's windows are merged by dropping 50 tokens at each inner overlap edge; L is then the
-    longest merged row. With `mesh`, inputs are laid out over its batch axes.
+    longest merged row. Inputs are laid out over the batch axes of `mesh` (default: the mesh
+    the model's parameters live on).
     """
     waveforms = np.asarray(waveforms, np.float32)
     if waveforms.ndim != 2:
@@ -352,13 +364,22 @@ def tokenize(
         bad = sorted(set(np.nonzero(~np.isfinite(np.where(valid, waveforms, 0.0)))[0].tolist()))
         raise ValueError(f"waveform rows {bad} hold NaN or inf samples")
 
-    put = (lambda tree: shd.put_batch(tree, mesh, rules)) if mesh is not None else (lambda tree: jax.tree.map(jnp.asarray, tree))
+    mesh = mesh if mesh is not None else _model_mesh(model)
+    if mesh is None:
+        return _tokenize(model, waveforms, lengths, lambda tree: jax.tree.map(jnp.asarray, tree), segment_batch, 1)
+    # The mesh context makes the model's activation constraints (`constrain`) take effect.
+    with jax.set_mesh(mesh), shd.use_rules(rules):
+        put = lambda tree: shd.put_batch(tree, mesh, rules)  # noqa: E731
+        return _tokenize(model, waveforms, lengths, put, segment_batch, _batch_shards(mesh, rules))
+
+
+def _tokenize(model, waveforms, lengths, put, segment_batch: int, shards: int):
     mel, mel_lens = _mel(*put((waveforms, lengths)))
     mel_lens = np.asarray(mel_lens)
     if mel_lens.max() <= MAX_FRAMES:
-        tokens, token_lens = _tokens(model, mel, mel_lens if mesh is None else put(mel_lens))
+        tokens, token_lens = _tokens(model, mel, put(mel_lens))
         return np.asarray(tokens), np.asarray(token_lens)
-    return _tokenize_long(model, np.asarray(mel), mel_lens, put, segment_batch, _batch_shards(mesh, rules))
+    return _tokenize_long(model, np.asarray(mel), mel_lens, put, segment_batch, shards)
 
 
 def _tokenize_long(model, mel: np.ndarray, mel_lens: np.ndarray, put, segment_batch: int, shards: int):
@@ -405,6 +426,11 @@ def merge_windows(parts: list[np.ndarray]) -> np.ndarray:
         right = len(p) if i == len(parts) - 1 else -OVERLAP_DROP_TOKENS
         kept.append(np.asarray(p)[left:right])
     return np.concatenate(kept).astype(np.int32)
+
+
+def _model_mesh(model: nnx.Module) -> jax.sharding.Mesh | None:
+    sharding = getattr(jax.tree.leaves(nnx.state(model))[0], "sharding", None)
+    return sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
 
 
 def _batch_shards(mesh: jax.sharding.Mesh | None, rules: shd.Rules) -> int:

@@ -526,6 +526,211 @@ def stream(
         yield dec.new_tokens()
 
 
+# ----------------------------------------------------------------------------- bistream decoding
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _feed(graphdef, state, ids, kinds, cache):
+    """Appends positions to the cache; returns the scores after the last one."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(ids, kinds, attention_mask=(kinds != PAD).astype(jnp.int32), cache=cache)
+    return logits[:, -1].astype(jnp.float32), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "final", "max_tokens"), donate_argnames=("cache",))
+def _segment(graphdef, state, logits, cache, history, key, n_out, next_fill, budget, sampling, final, max_tokens):
+    """Decodes one bistream segment (batch 1): until a fill token (streaming phase) or eos
+    (final phase), or `budget` tokens. Fill positions are forced as the reference does."""
+    model = nnx.merge(graphdef, state)
+    S = model.cfg.speech_token_size
+    eos, fill, b = S, S + 2, model.cfg.mix_ratio[1]
+    vocab = jnp.arange(logits.shape[-1])[None, :]
+    # The reference raises if a non-speech token other than the phase's own stop comes up;
+    # we never draw one: streaming phase draws speech or fill, the final phase speech or eos.
+    banned = (vocab == eos) | (vocab == S + 1) if not final else (vocab == fill) | (vocab == S + 1)
+
+    def cond(c):
+        i, _, _, _, _, _, _, stop = c
+        return (i < jnp.minimum(budget, max_tokens)) & ~stop  # budget counts fill/eos too
+
+    def body(c):
+        i, logits, cache, history, key, next_fill, out, _ = c
+        key, sub = jax.random.split(key)
+        logp = jnp.where(banned, -jnp.inf, jax.nn.log_softmax(logits, axis=-1))
+        tok = ras_sample(logp, history, sub, sampling)
+        if not final:
+            forced = (next_fill >= 0) & (n_out + i == next_fill)
+            tok = jnp.where(forced, fill, tok)
+            next_fill = jnp.where(tok[0] == fill, n_out + i + b + 1, next_fill)
+        out = out.at[i].set(tok[0])
+        stop = tok[0] >= S
+        history = _push(history, tok, jnp.ones((1,), bool))
+        # A stop token is not fed back: its slot is written masked out (never attended, no
+        # position), and the scores stay those before it.
+        feed = jnp.where(stop, 0, tok)[:, None]
+        new_logits, cache = model(feed, jnp.full_like(feed, SPEECH), attention_mask=(~stop).astype(jnp.int32).reshape(1, 1), cache=cache)
+        logits = jnp.where(stop, logits, new_logits[:, -1].astype(jnp.float32))
+        return i + 1, logits, cache, history, key, next_fill, out, stop
+
+    out = jnp.full((max_tokens,), -1, jnp.int32)
+    c = (jnp.zeros((), jnp.int32), logits, cache, history, key, next_fill, out, jnp.zeros((), bool))
+    i, logits, cache, history, key, next_fill, out, stop = jax.lax.while_loop(cond, body, c)
+    return logits, cache, history, key, next_fill, out, i
+
+
+class BistreamDecoder:
+    """Speech tokens for text that arrives in pieces (e.g. from the thinker), batch 1.
+
+    The layout is the bistream training layout: [sos], then per a text tokens (a, b =
+    mix_ratio) the text chunk and b speech tokens closed by a fill token (which is never fed
+    back), and once the text ends, the remaining text, the task id and speech up to eos. A
+    voice prompt's text and speech tokens are interleaved into the same layout first; the
+    first fill index follows the prompt speech length as in the reference.
+    Differences from the reference's `inference_bistream`, on purpose: (1) its final phase
+    re-feeds the last already-cached input when the previous segment ended on a fill token
+    (one duplicated position the training layout never has); we do not. (2) It raises when
+    it draws S+1 (or a fill in the final phase); we mask those tokens instead. (3) Its final
+    phase is unbounded; we stop at int(text tokens * max_ratio) speech tokens in all.
+    """
+
+    def __init__(
+        self,
+        model: SpeechTokenLM,
+        prompt_text: Sequence[int] = (),
+        prompt_speech: Sequence[int] = (),
+        *,
+        sampling: RasConfig | None = None,
+        key: jax.Array | None = None,
+        max_ratio: float = 20.0,
+        capacity: int = 512,
+        mesh: jax.sharding.Mesh | None = None,
+    ):
+        self.model, self.cfg = model, model.cfg
+        self.graphdef, self.state = nnx.split(model)
+        self.sampling = sampling or model.cfg.sampling
+        self.key = jax.random.key(0) if key is None else key
+        self.max_ratio, self.mesh = max_ratio, mesh
+        self.pending: list[tuple[int, int]] = [(0, SOS)]  # positions not yet fed: (id, kind)
+        self.text_cache = [int(t) for t in prompt_text]
+        self.prompt_speech = [int(s) for s in prompt_speech]
+        b = self.cfg.mix_ratio[1]
+        self.next_fill = (len(self.prompt_speech) // b + 1) * b - len(self.prompt_speech)
+        self.out: list[int] = []  # emitted tokens including fill tokens (the RAS window sees them)
+        self.text_len = 0
+        self.fed = 0
+        self.capacity = capacity
+        with _mesh_ctx(mesh):
+            self.cache = model.init_cache(1, capacity)
+            self.history = jnp.full((1, max(1, self.sampling.win_size)), -1, jnp.int32)
+        self.logits = None
+        self.finished = False
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        n = len(self.pending)
+        t = _round_up(n, 8)
+        ids = np.zeros((1, t), np.int32)
+        kinds = np.full((1, t), PAD, np.int32)
+        ids[0, t - n :] = [i for i, _ in self.pending]
+        kinds[0, t - n :] = [k for _, k in self.pending]
+        self._reserve(t)
+        with _mesh_ctx(self.mesh):
+            self.logits, self.cache = _feed(self.graphdef, self.state, jnp.asarray(ids), jnp.asarray(kinds), self.cache)
+        self.fed += t
+        self.pending = []
+
+    def _reserve(self, n: int) -> None:
+        """Grows the cache when `n` more slots would not fit (a copy and one new compile)."""
+        if self.fed + n <= self.capacity:
+            return
+        grow = _round_up(self.fed + n - self.capacity, 512)
+        c = self.cache
+        pad = lambda x, axis: jnp.concatenate([x, jnp.zeros(x.shape[:axis] + (grow,) + x.shape[axis + 1 :], x.dtype)], axis)
+        self.cache = KVCache(pad(c.k, 2), pad(c.v, 2), pad(c.mask, 1), c.index)
+        self.capacity += grow
+
+    def _decode(self, final: bool) -> list[int]:
+        self._flush()
+        limit = int(np.float32(self.text_len) * np.float32(self.max_ratio))
+        budget = limit - sum(t < self.cfg.speech_token_size for t in self.out)
+        if budget <= 0:
+            return []
+        max_tokens = self.cfg.mix_ratio[1] + 1 if not final else _round_up(budget + 1, 64)
+        self._reserve(max_tokens)
+        self.key, sub = jax.random.split(self.key)
+        with _mesh_ctx(self.mesh):
+            self.logits, self.cache, self.history, _, next_fill, out, n = _segment(
+                self.graphdef, self.state, self.logits, self.cache, self.history, sub,
+                jnp.asarray(len(self.out), jnp.int32), jnp.asarray(self.next_fill, jnp.int32),
+                jnp.asarray(budget, jnp.int32), self.sampling, final, max_tokens,
+            )
+        n = int(n)
+        toks = np.asarray(jax.device_get(out))[:n].tolist()
+        self.next_fill = int(next_fill)
+        self.out += toks
+        self.fed += n  # every step wrote one cache slot (a stop token's slot masked out)
+        return [t for t in toks if t < self.cfg.speech_token_size]
+
+    def push_text(self, text: Sequence[int]) -> list[int]:
+        """Adds text tokens; returns the speech tokens that can be decoded so far."""
+        if self.finished:
+            raise RuntimeError("push_text after finish()")
+        a, b = self.cfg.mix_ratio
+        text = [int(t) for t in text]
+        if text and (min(text) < 0 or max(text) >= self.cfg.qwen2.vocab_size):
+            raise ValueError(f"text ids must lie in [0, {self.cfg.qwen2.vocab_size}); got {min(text)}..{max(text)}")
+        self.text_cache += text
+        self.text_len += len(text)
+        while self.prompt_speech and len(self.text_cache) >= a:
+            self.pending += [(t, TEXT) for t in self.text_cache[:a]] + [(s, SPEECH) for s in self.prompt_speech[:b]]
+            self.text_cache, self.prompt_speech = self.text_cache[a:], self.prompt_speech[b:]
+        new: list[int] = []
+        if self.prompt_speech:
+            return new  # wait for enough text to place the rest of the prompt speech
+        while True:
+            at_start = not self.out and self.pending == [(0, SOS)] and self.fed == 0
+            if at_start or (self.out and self.out[-1] == self.cfg.fill):
+                if len(self.text_cache) < a:
+                    return new
+                self.pending += [(t, TEXT) for t in self.text_cache[:a]]
+                self.text_cache = self.text_cache[a:]
+            got = self._decode(final=False)
+            new += got
+            if not got and not (self.out and self.out[-1] == self.cfg.fill):
+                return new  # length budget used up
+
+    def finish(self) -> list[int]:
+        """No more text: feeds the rest of the text and the task id, decodes up to eos."""
+        if self.finished:
+            return []
+        self.finished = True
+        self.pending += [(t, TEXT) for t in self.text_cache] + [(1, TASK)]
+        # Prompt speech that never found enough text goes after the task id, as in the
+        # unistream layout's prompt.
+        self.pending += [(s, SPEECH) for s in self.prompt_speech]
+        self.text_cache, self.prompt_speech = [], []
+        return self._decode(final=True)
+
+
+def stream_bistream(
+    model: SpeechTokenLM,
+    text_chunks: Iterable[Sequence[int]],
+    prompt_text: Sequence[int] = (),
+    prompt_speech: Sequence[int] = (),
+    **kwargs: Any,
+) -> Iterator[list[int]]:
+    """Yields speech tokens as text chunks arrive (see `BistreamDecoder`)."""
+    dec = BistreamDecoder(model, prompt_text, prompt_speech, **kwargs)
+    for chunk in text_chunks:
+        got = dec.push_text(chunk)
+        if got:
+            yield got
+    got = dec.finish()
+    if got:
+        yield got
+
+
 class _null:
     def __enter__(self):
         return self

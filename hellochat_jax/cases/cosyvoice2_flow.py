@@ -1,0 +1,99 @@
+"""Verify entry for `cosyvoice2-flow` fixtures: the flow decoder's intermediates, inference
+(non-streaming, streaming, streaming with look-ahead context) and the flow-matching loss.
+
+The fixture is channels-first ([B, 80, T]) where the reference is; our flow is channels-last,
+so noise and mel-shaped outputs are transposed here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hellochat_jax import sharding as shd
+from hellochat_jax.convert import cosyvoice2_flow
+from hellochat_jax.nn.flow import FlowDecoder, FlowLossDraws, flow_matching_loss
+
+
+@nnx.jit(static_argnames=("streaming", "finalize"))
+def _inference(model: FlowDecoder, inputs: dict, noise, *, streaming: bool, finalize: bool):
+    return model.inference(
+        inputs["token"], inputs["token_len"], inputs["prompt_token"], inputs["prompt_token_len"],
+        inputs["prompt_feat"], inputs["prompt_feat_len"], inputs["embedding"],
+        noise=noise, streaming=streaming, finalize=finalize,
+    )
+
+
+@nnx.jit(static_argnames=("streaming",))
+def _intermediates(model: FlowDecoder, inputs: dict, noise, *, streaming: bool):
+    """spk_cond, encoder_out, mu and the first estimator call of the non-streaming inference."""
+    tokens = jnp.concatenate([inputs["prompt_token"], inputs["token"]], axis=1)
+    lengths = inputs["prompt_token_len"] + inputs["token_len"]
+    spks = model.speaker_condition(inputs["embedding"])
+    x = model.input_embedding(tokens)
+    encoder_out, _ = model.encoder(x, lengths, streaming=streaming)
+    mu = model.encoder_proj(encoder_out)
+    n_mel = mu.shape[1]
+    prompt = inputs["prompt_feat"]
+    cond = jnp.pad(prompt, ((0, 0), (0, n_mel - prompt.shape[1]), (0, 0)))
+    x0 = noise[:, :n_mel]
+    mask = jnp.ones((2, n_mel), jnp.float32)
+    v = model.estimator(
+        jnp.concatenate([x0, x0]), mask, jnp.concatenate([mu, jnp.zeros_like(mu)]), jnp.zeros((2,), jnp.float32),
+        jnp.concatenate([spks, jnp.zeros_like(spks)]), jnp.concatenate([cond, jnp.zeros_like(cond)]), streaming=streaming,
+    )
+    return spks, encoder_out, mu, v
+
+
+@nnx.jit
+def _loss(model: FlowDecoder, batch: dict, draws: FlowLossDraws):
+    return flow_matching_loss(
+        model, batch["speech_token"], batch["speech_token_len"], batch["speech_feat"], batch["embedding"], draws=draws
+    )
+
+
+def run(case, mesh, rules) -> dict[str, np.ndarray]:
+    _, model = cosyvoice2_flow.load(case.checkpoint, mesh, rules, precision="highest")
+    i = case.inputs
+    names = ("token", "token_len", "prompt_token", "prompt_token_len", "prompt_feat", "prompt_feat_len", "embedding")
+    inputs = shd.put_batch({k: i[k] for k in names}, mesh, rules)
+    noise = shd.put_batch(np.ascontiguousarray(i["noise"].transpose(0, 2, 1)), mesh, rules)
+
+    out: dict[str, np.ndarray] = {}
+    spks, encoder_out, mu, v0 = _intermediates(model, inputs, noise, streaming=False)
+    out["spk_cond"], out["encoder_out"], out["mu"] = spks, encoder_out, mu
+    out["est_step0"] = np.asarray(v0).transpose(0, 2, 1)
+    out["mu_stream"] = _intermediates(model, inputs, noise, streaming=True)[2]
+
+    for name, streaming, finalize in (("mel", False, True), ("mel_stream", True, True), ("mel_stream_ctx", True, False)):
+        mel, mel_len = _inference(model, inputs, noise, streaming=streaming, finalize=finalize)
+        n = int(np.asarray(mel_len)[0])
+        out[name] = np.asarray(mel)[:, :n].transpose(0, 2, 1)
+
+    batch = shd.put_batch(
+        {
+            "speech_token": i["loss_speech_token"],
+            "speech_token_len": i["loss_speech_token_len"],
+            "speech_feat": i["loss_speech_feat"],
+            "embedding": i["loss_embedding"],
+        },
+        mesh,
+        rules,
+    )
+    for suffix, streaming in (("", False), ("_stream", True)):
+        draws = FlowLossDraws(
+            t=i["loss_t"].astype(np.float32),
+            z=np.ascontiguousarray(i["loss_z"].transpose(0, 2, 1)),
+            cfg_keep=i["loss_cfg_keep"].astype(bool),
+            cond_len=i["loss_cond_len"].astype(np.int32),
+            streaming=np.asarray(streaming),
+        )
+        loss, aux = _loss(model, batch, shd.put_batch(draws, mesh, rules))
+        out["loss" + suffix] = np.asarray(loss).reshape(1)
+        out["loss_pred" + suffix] = np.asarray(aux["pred"]).transpose(0, 2, 1)
+        if not suffix:
+            out["loss_mu"] = aux["mu"]
+            out["loss_valid"] = np.asarray(aux["mask"]) > 0
+    return {k: np.asarray(jax.device_get(v)) for k, v in out.items()}

@@ -1,0 +1,136 @@
+"""`hellochat data build synth [--size N]` and `hellochat data build manifest --manifest m.jsonl`.
+
+Each build writes TFDS ArrayRecord files plus a `tokenizer/` folder (a byte-level BPE trained on
+the dataset's text, with the Qwen chat special tokens) next to them, and prints where they went.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", required=True)
+    build = sub.add_parser("build", help="build a dataset into ArrayRecord files")
+    kinds = build.add_subparsers(dest="kind", required=True)
+
+    s = kinds.add_parser("synth", help="the embedded synthetic speech corpus (espeak-ng, offline)")
+    s.add_argument("--size", type=int, default=None, help="training utterances (default 2000; tiny = 48)")
+    s.add_argument("--tiny", action="store_true", help="the 48/12/12 corpus the tests use")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=None, help="synthesis processes (default: CPUs, <= 4)")
+
+    m = kinds.add_parser("manifest", help="your audio files, described by a JSONL manifest")
+    m.add_argument("--manifest", required=True, help="JSONL file (see builders.read_manifest)")
+    m.add_argument("--name", default=None, help="dataset config name (default: the manifest's file name)")
+    m.add_argument("--skip_bad", action="store_true", help="leave out (and list) lines with problems instead of failing")
+
+    for p in (s, m):
+        p.add_argument("--data_dir", default=None, help="TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+        p.add_argument("--vocab_size", type=int, default=1024, help="BPE vocabulary of the tokenizer trained on the text")
+        p.add_argument("--overwrite", action="store_true", help="rebuild even if already built")
+
+
+def _report(builder, tokenizer_dir: Path) -> None:
+    print(f"ArrayRecord files in {builder.data_dir}:")
+    for name, split in sorted(builder.info.splits.items()):
+        files = sorted(Path(builder.data_dir).glob(f"*-{name}.array_record-*"))
+        print(f"  {name:<12} {split.num_examples:>7} records in {len(files)} file(s)")
+    print(f"tokenizer: {tokenizer_dir}")
+
+
+def _train_tokenizer(builder, vocab_size: int, extra: list[str]) -> Path:
+    from tqdm import tqdm
+
+    from hellochat_jax.data.tokenizer import train_tokenizer
+
+    source = builder.as_data_source(split="train")
+    texts = list(extra)
+    for i in tqdm(range(len(source)), desc="collecting tokenizer text", unit=" records"):
+        texts += _record_texts(source[i])
+    return train_tokenizer(texts, Path(builder.data_dir) / "tokenizer", vocab_size)
+
+
+def _record_texts(record) -> list[str]:
+    import json
+
+    def t(x):
+        return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+    out = [t(record[k]) for k in ("transcript", "reply", "caption", "emotion", "events")]
+    out += [turn.get("text", "") for turn in json.loads(t(record["context"]) or "[]")]
+    return [x for x in out if x]
+
+
+def _mode(overwrite: bool):
+    import tensorflow_datasets as tfds
+
+    mode = tfds.download.GenerateMode
+    return tfds.download.DownloadConfig(
+        download_mode=mode.REUSE_CACHE_IF_EXISTS if overwrite else mode.REUSE_DATASET_IF_EXISTS
+    )
+
+
+def _instructions() -> list[str]:
+    from hellochat_jax.data.pipeline import INSTRUCTIONS
+
+    return [i for options in INSTRUCTIONS.values() for i in options]
+
+
+def build_synth(config, data_dir: str | None = None, *, workers: int | None = None,
+                vocab_size: int = 1024, overwrite: bool = False):  # fmt: skip
+    """Builds the synthetic corpus (a `builders.SynthConfig`) and its tokenizer; returns the builder."""
+    from hellochat_jax.data import builders, synth
+
+    builder = builders.HellochatSynth(config=config, data_dir=data_dir or builders.DEFAULT_DATA_DIR, num_workers=workers)
+    builder.download_and_prepare(download_config=_mode(overwrite))
+    tokenizer_dir = Path(builder.data_dir) / "tokenizer"
+    if overwrite or not (tokenizer_dir / "tokenizer.json").is_file():
+        _train_tokenizer(builder, vocab_size, synth.corpus_texts("train") + _instructions())
+    return builder
+
+
+def build_manifest(manifest: str | Path, data_dir: str | None = None, *, name: str | None = None,
+                   skip_bad: bool = False, vocab_size: int = 1024, overwrite: bool = False):  # fmt: skip
+    """Builds a manifest dataset and its tokenizer; returns the builder (`.skipped` lists the
+    lines left out). Raises builders.ManifestError listing every problem."""
+    from hellochat_jax.data import builders
+
+    builder = builders.HellochatManifest(
+        manifest=manifest, name=name, skip_bad=skip_bad, data_dir=data_dir or builders.DEFAULT_DATA_DIR
+    )
+    builder.download_and_prepare(download_config=_mode(overwrite))
+    tokenizer_dir = Path(builder.data_dir) / "tokenizer"
+    if overwrite or not (tokenizer_dir / "tokenizer.json").is_file():
+        _train_tokenizer(builder, vocab_size, _instructions())
+    return builder
+
+
+def main(args: argparse.Namespace) -> int:
+    from hellochat_jax.data import builders
+
+    start = time.time()
+    if args.kind == "synth":
+        if args.tiny:
+            config = builders.SYNTH_TINY
+        else:
+            config = builders.synth_config(args.size or builders.SYNTH_DEFAULT.num_train, args.seed)
+        builder = build_synth(config, args.data_dir, workers=args.workers, vocab_size=args.vocab_size,
+                              overwrite=args.overwrite)  # fmt: skip
+    else:
+        try:
+            builder = build_manifest(args.manifest, args.data_dir, name=args.name, skip_bad=args.skip_bad,
+                                     vocab_size=args.vocab_size, overwrite=args.overwrite)  # fmt: skip
+        except builders.ManifestError as e:
+            print(e, file=sys.stderr)
+            return 2
+        if builder.skipped:
+            print(f"left out {len(builder.skipped)} manifest line(s) (--skip_bad):")
+            for problem in builder.skipped:
+                print(f"  {problem}")
+    _report(builder, Path(builder.data_dir) / "tokenizer")
+    print(f"done in {time.time() - start:.1f} s; train on it with data.dataset={builder.data_dir}")
+    return 0

@@ -1,0 +1,607 @@
+"""The Grain input pipeline: built TFDS ArrayRecord data -> fixed-shape training batches.
+
+    tfds data source (records; unreadable ones become `Skipped`)
+      -> this process's part: records [process_index::process_count]
+      -> seeded global shuffle, reshuffled every epoch -> repeat
+      -> decode (int16 PCM -> float32, labels, context turns; invalid records become `Skipped`)
+      -> task sampling from the mixture, modality interleaving, chat template + loss masks
+      -> skip `Skipped` elements, counting them into the next sample
+      -> first-fit packing into rows of fixed shape -> batch (the last one padded) -> finalize
+      -> multiprocess prefetch (`DataConfig.workers` processes, each packing its own slice)
+
+Every random choice comes from grain's per-element generator, seeded by `DataConfig.seed` and
+the element's index, so the same config gives the same batches; the iterator state is
+checkpointable with Orbax (`grain.checkpoint.CheckpointSave(iterator)` /
+`CheckpointRestore(iterator)` with `grain.checkpoint.CheckpointHandler()`), and a restored run
+sees exactly the batches it would have seen.
+
+Batch format: a dict of numpy arrays, the same shapes for every batch of a config
+(B = batch_size per process, T = seq_len, A = max_clips, S = max_audio_seconds * 16000;
+`batch_shapes(cfg)` lists them):
+
+    input_ids      [B, T] int32    packed chat-template tokens (Qwen format, see tokenizer.py);
+                                   padding positions hold the tokenizer's pad id
+    targets        [B, T] int32    the token to predict at each position: input_ids[t + 1] of the
+                                   same segment (pad id at a segment's last token and on padding)
+    loss_mask      [B, T] float32  1 where targets[t] is an assistant token (reply text and its
+                                   closing <|im_end|>), else 0. Loss = sum(mask * CE(logits, targets))
+    segment_ids    [B, T] int32    0 = padding, 1, 2, ... = the packed samples of a row; attention
+                                   must stay within a segment
+    positions      [B, T] int32    restart at 0 in each segment
+    task_id        [B, T] int32    TASK_IDS of the token's sample (0 = padding), for per-task losses
+    audio          [B, A, S] float32  16 kHz clips of the row, in the order of their <|AUDIO|>
+                                   runs in input_ids; zero padded
+    audio_lengths  [B, A] int32    samples per clip, 0 = no clip. A clip of n samples fills exactly
+                                   num_audio_tokens(n) consecutive <|AUDIO|> placeholders
+    bad_records    [B] int32       records skipped as unreadable/invalid since the previous sample
+    too_long       [B] int32       samples skipped for not fitting T / A / S
+    audio_spans, audio_to_text     spoken spans that could become text, and those that did (p)
+    text_spans, text_to_audio      [B] int32 text spans that could become audio, and those that did (q)
+
+With tts in the mixture, talker pairs (at most one per row) as well:
+
+    speech_text         [B, Lt] int32  token ids of the text spoken (pad id after the end)
+    speech_text_lengths [B] int32
+    speech_tokens       [B, Ls] int32  its speech tokens when the record has them, else length 0
+                                       (then tokenize speech_audio with the S3 tokenizer)
+    speech_token_lengths [B] int32
+    speech_audio        [B, S2] float32  the text spoken (16 kHz; the fixed reply voice for the
+                                       synthetic corpus), S2 = max_speech_seconds * 16000
+    speech_audio_lengths [B] int32
+    speech_segment      [B] int32      the segment (segment_ids value) of the row's tts sample, 0 = none
+
+Modality interleaving: a spoken span whose answer does not depend on how it sounds (the user's
+question in spoken QA / dialogue) is replaced by its transcript with probability p
+(`audio_to_text_p`); a text span that has audio (earlier user turns of a dialogue) is replaced
+by that audio with probability q (`text_to_audio_q`). The batch counters measure both rates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from hellochat_jax.data import builders
+from hellochat_jax.data.tokenizer import AudioPart, ChatTokens, Message, load_tokenizer
+
+try:  # the audio front end owns the rule; the same formula is kept here until it exists
+    from hellochat_jax.audio import num_audio_tokens
+except ImportError:
+
+    def num_audio_tokens(num_samples: int) -> int:
+        """<|AUDIO|> placeholders for a 16 kHz clip (MiDashengLM: 100 mel frames/s, Dasheng
+        patches of 4 frames, 5 patches per adapter output)."""
+        return ((1 + num_samples // 160) // 4) // 5
+
+
+SAMPLE_RATE = 16000
+TASKS = ("asr", "emotion", "events", "caption", "qa", "tts")
+TASK_IDS = {task: i + 1 for i, task in enumerate(TASKS)}  # 0 = padding
+COUNTERS = ("bad_records", "too_long", "audio_spans", "audio_to_text", "text_spans", "text_to_audio")
+
+INSTRUCTIONS = {
+    "asr": ("Transcribe the speech.", "Write down what is said.", "What does the speaker say?"),
+    "emotion": ("What emotion does the speaker express?", "How does the speaker sound?"),
+    "events": ("Which background sounds can you hear?", "List the sound events in the background."),
+    "caption": ("Describe the audio.", "Write a caption for this recording."),
+    "tts": ("Say this aloud: ", "Please read out: "),
+}
+
+
+@dataclasses.dataclass
+class Mixture:
+    """Relative task weights; tasks a record has no labels for are left out for that record."""
+
+    asr: float = 1.0
+    emotion: float = 0.5
+    events: float = 0.5
+    caption: float = 0.5
+    qa: float = 1.0
+    tts: float = 0.0
+
+    def weights(self) -> dict[str, float]:
+        return {t: float(getattr(self, t)) for t in TASKS}
+
+
+@dataclasses.dataclass
+class DataConfig:
+    dataset: str = "hellochat_synth"  # "name[/config]" under data_dir, or a built dataset folder
+    data_dir: str = ""  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    split: str = "train"
+    tokenizer: str = ""  # HF tokenizer folder; "" = the one built with the dataset
+    seed: int = 0
+    num_epochs: int | None = None  # None = repeat forever
+    batch_size: int = 8  # rows per process
+    seq_len: int = 256
+    max_clips: int = 4  # audio clips per row
+    max_audio_seconds: float = 4.5
+    max_segments: int = 8  # samples per row
+    mixture: Mixture = dataclasses.field(default_factory=Mixture)
+    audio_to_text_p: float = 0.25
+    text_to_audio_q: float = 0.25
+    system_prompt: str = ""
+    speech_text_len: int = 64
+    speech_token_len: int = 256  # 25 Hz speech tokens: ~10 s
+    max_speech_seconds: float = 8.0
+    read_threads: int = 1  # threads per process for the per-record stages
+    workers: int = 0  # prefetch processes; 0 = everything in the calling process
+    worker_buffer_size: int = 2
+
+    def __post_init__(self):
+        if not 0.0 <= self.audio_to_text_p <= 1.0 or not 0.0 <= self.text_to_audio_q <= 1.0:
+            raise ValueError("audio_to_text_p and text_to_audio_q must be probabilities")
+        weights = self.mixture.weights()
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError(f"mixture weights must be >= 0 and not all 0, got {weights}")
+        for name in ("batch_size", "seq_len", "max_clips", "max_segments"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+    @property
+    def max_audio_samples(self) -> int:
+        return int(round(self.max_audio_seconds * SAMPLE_RATE))
+
+    @property
+    def max_speech_samples(self) -> int:
+        return int(round(self.max_speech_seconds * SAMPLE_RATE))
+
+    @property
+    def talker(self) -> bool:
+        return self.mixture.tts > 0
+
+
+def batch_shapes(cfg: DataConfig) -> dict[str, tuple[tuple[int, ...], type]]:
+    """Name -> (shape, dtype) of every array in a batch of this config."""
+    B, T, A = cfg.batch_size, cfg.seq_len, cfg.max_clips
+    shapes = {name: ((B, T), np.int32) for name in ("input_ids", "targets", "segment_ids", "positions", "task_id")}
+    shapes["loss_mask"] = ((B, T), np.float32)
+    shapes["audio"] = ((B, A, cfg.max_audio_samples), np.float32)
+    shapes["audio_lengths"] = ((B, A), np.int32)
+    shapes.update({name: ((B,), np.int32) for name in COUNTERS})
+    if cfg.talker:
+        shapes["speech_text"] = ((B, cfg.speech_text_len), np.int32)
+        shapes["speech_tokens"] = ((B, cfg.speech_token_len), np.int32)
+        shapes["speech_audio"] = ((B, cfg.max_speech_samples), np.float32)
+        for name in ("speech_text_lengths", "speech_token_lengths", "speech_audio_lengths", "speech_segment"):
+            shapes[name] = ((B,), np.int32)
+    return shapes
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """Stands in for a record or sample that cannot be used; counted, never silently lost."""
+
+    counter: str  # "bad_records" or "too_long"
+    reason: str
+
+
+@dataclasses.dataclass
+class Turn:
+    role: str
+    text: str
+    audio: np.ndarray | None  # float32 16 kHz, or None
+
+
+@dataclasses.dataclass
+class Example:
+    """A decoded record."""
+
+    id: str
+    audio: np.ndarray  # float32, 16 kHz
+    transcript: str
+    emotion: str
+    events: tuple[str, ...]
+    caption: str
+    reply: str
+    reply_audio: np.ndarray
+    context: list[Turn]
+    speech_tokens: np.ndarray
+    reply_speech_tokens: np.ndarray
+
+
+class SafeSource:
+    """A random-access source whose unreadable records come back as `Skipped`."""
+
+    def __init__(self, source: Any):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.source[index]
+        except Exception as e:  # any failure to read or deserialize one record
+            return Skipped("bad_records", f"record {index} unreadable: {type(e).__name__}: {e}")
+
+    def __repr__(self) -> str:
+        return f"SafeSource({self.source!r})"
+
+
+def _text(x: Any) -> str:
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def _pcm(x: Any) -> np.ndarray:
+    return np.asarray(x, np.int16).astype(np.float32) / 32768.0
+
+
+def decode(record: Any) -> Example | Skipped:
+    """A stored record -> `Example`; anything malformed -> `Skipped`."""
+    if isinstance(record, Skipped):
+        return record
+    try:
+        audio = _pcm(record["audio"])
+        transcript = _text(record["transcript"]).strip()
+        if audio.size == 0:
+            raise ValueError("empty audio")
+        if not transcript:
+            raise ValueError("empty transcript")
+        turns = json.loads(_text(record["context"]) or "[]")
+        lengths = np.asarray(record["context_audio_lengths"], np.int64)
+        context_audio = _pcm(record["context_audio"])
+        if lengths.size not in (0, len(turns)) or int(lengths.sum()) != context_audio.size:
+            raise ValueError("context audio does not match its turns")
+        offsets = np.concatenate([[0], np.cumsum(lengths)]) if lengths.size else np.zeros(len(turns) + 1, np.int64)
+        context = []
+        for i, turn in enumerate(turns):
+            if turn.get("role") not in ("user", "assistant"):
+                raise ValueError(f"context turn {i} has role {turn.get('role')!r}")
+            clip = context_audio[offsets[i] : offsets[i + 1]]
+            context.append(Turn(turn["role"], str(turn.get("text", "")), clip if clip.size else None))
+        events = tuple(e.strip() for e in _text(record["events"]).split(",") if e.strip())
+        return Example(
+            id=_text(record["id"]),
+            audio=audio,
+            transcript=transcript,
+            emotion=_text(record["emotion"]).strip(),
+            events=events,
+            caption=_text(record["caption"]).strip(),
+            reply=_text(record["reply"]).strip(),
+            reply_audio=_pcm(record["reply_audio"]),
+            context=context,
+            speech_tokens=np.asarray(record["speech_tokens"], np.int32),
+            reply_speech_tokens=np.asarray(record["reply_speech_tokens"], np.int32),
+        )
+    except Exception as e:  # a record that deserialized but makes no sense
+        rid = record.get("id", b"?") if isinstance(record, dict) else "?"
+        return Skipped("bad_records", f"record {_text(rid)!r} invalid: {type(e).__name__}: {e}")
+
+
+# --------------------------------------------------------------------------- samples
+
+
+def available_tasks(ex: Example) -> list[str]:
+    tasks = ["asr", "tts"]
+    if ex.emotion:
+        tasks.append("emotion")
+    if ex.events:
+        tasks.append("events")
+    if ex.caption:
+        tasks.append("caption")
+    if ex.reply:
+        tasks.append("qa")
+    return tasks
+
+
+def choose_task(ex: Example, mixture: Mixture, rng: np.random.Generator) -> str | None:
+    weights = mixture.weights()
+    tasks = [t for t in TASKS if t in available_tasks(ex) and weights[t] > 0]
+    if not tasks:
+        return None
+    w = np.asarray([weights[t] for t in tasks])
+    return tasks[int(rng.choice(len(tasks), p=w / w.sum()))]
+
+
+def _clip(samples: np.ndarray) -> AudioPart:
+    return AudioPart(samples, num_audio_tokens(len(samples)))
+
+
+def build_messages(
+    ex: Example, task: str, rng: np.random.Generator, cfg: DataConfig, counts: dict[str, int]
+) -> list[Message]:
+    """The conversation for one task, with modality interleaving (counted into `counts`)."""
+    messages = [Message("system", (cfg.system_prompt,))] if cfg.system_prompt else []
+
+    def pick(options: tuple[str, ...]) -> str:
+        return options[int(rng.integers(len(options)))]
+
+    if task == "qa":
+        for turn in ex.context:
+            if turn.role == "user" and turn.audio is not None:
+                counts["text_spans"] += 1
+                if rng.random() < cfg.text_to_audio_q:
+                    counts["text_to_audio"] += 1
+                    messages.append(Message("user", (_clip(turn.audio),)))
+                    continue
+            messages.append(Message(turn.role, (turn.text,)))
+        counts["audio_spans"] += 1
+        if rng.random() < cfg.audio_to_text_p:
+            counts["audio_to_text"] += 1
+            question: tuple = (ex.transcript,)
+        else:
+            question = (_clip(ex.audio),)
+        return messages + [Message("user", question), Message("assistant", (ex.reply,))]
+    if task == "tts":
+        text = ex.reply if ex.reply and ex.reply_audio.size else ex.transcript
+        return messages + [Message("user", (pick(INSTRUCTIONS["tts"]) + text,)), Message("assistant", (text,))]
+    answer = {
+        "asr": ex.transcript,
+        "emotion": ex.emotion,
+        "events": ", ".join(ex.events),
+        "caption": ex.caption,
+    }[task]
+    return messages + [
+        Message("user", (_clip(ex.audio), pick(INSTRUCTIONS[task]))),
+        Message("assistant", (answer,)),
+    ]
+
+
+@functools.lru_cache(maxsize=4)
+def _chat_tokens(path: str) -> ChatTokens:
+    return ChatTokens(load_tokenizer(path))
+
+
+class MakeSample(grain.transforms.RandomMap):
+    """Example -> a packable sample dict (or `Skipped`). Loads the tokenizer lazily, once per
+    process, so the transform pickles cheaply into prefetch workers."""
+
+    def __init__(self, cfg: DataConfig, tokenizer_path: str):
+        self.cfg = cfg
+        self.tokenizer_path = tokenizer_path
+
+    def random_map(self, ex: Example | Skipped, rng: np.random.Generator) -> dict[str, Any] | Skipped:
+        if isinstance(ex, Skipped):
+            return ex
+        cfg = self.cfg
+        chat = _chat_tokens(self.tokenizer_path)
+        task = choose_task(ex, cfg.mixture, rng)
+        if task is None:
+            return Skipped("bad_records", f"record {ex.id!r} has labels for no task of the mixture")
+        counts = dict.fromkeys(COUNTERS, 0)
+        messages = build_messages(ex, task, rng, cfg, counts)
+        enc = chat.encode(messages)
+        too_long = []
+        if len(enc.ids) > cfg.seq_len:
+            too_long.append(f"{len(enc.ids)} tokens > seq_len {cfg.seq_len}")
+        if len(enc.clips) > cfg.max_clips:
+            too_long.append(f"{len(enc.clips)} clips > max_clips {cfg.max_clips}")
+        if any(len(c) > cfg.max_audio_samples for c in enc.clips):
+            too_long.append(f"a clip is longer than max_audio_seconds {cfg.max_audio_seconds}")
+        if any(num_audio_tokens(len(c)) == 0 for c in enc.clips):
+            return Skipped("bad_records", f"record {ex.id!r}: audio too short for one audio token")
+
+        ids = np.asarray(enc.ids, np.int32)
+        assistant = np.asarray(enc.assistant, np.int32)
+        sample: dict[str, Any] = {
+            "input_ids": ids,
+            # Position t predicts token t + 1 of the same sample, so packing never mixes samples.
+            "targets": np.append(ids[1:], chat.pad).astype(np.int32),
+            "loss_mask": np.append(assistant[1:], 0).astype(np.int32),
+            "task_id": np.full(len(ids), TASK_IDS[task], np.int32),
+            "audio": np.zeros((len(enc.clips), cfg.max_audio_samples), np.float32),
+            "audio_lengths": np.asarray([len(c) for c in enc.clips], np.int32),
+            "counters": np.asarray([[counts[c] for c in COUNTERS]], np.int32),
+        }
+        for i, clip in enumerate(enc.clips):
+            sample["audio"][i, : len(clip)] = clip[: cfg.max_audio_samples]
+        if cfg.talker:
+            sample.update(self._talker(ex, task, chat, too_long))
+        if too_long:
+            return Skipped("too_long", f"record {ex.id!r} ({task}): " + "; ".join(too_long))
+        return sample
+
+    def _talker(self, ex: Example, task: str, chat: ChatTokens, too_long: list[str]) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        if task != "tts":
+            return {
+                "speech_text": np.zeros(0, np.int32),
+                "speech_tokens": np.zeros(0, np.int32),
+                "speech_audio": np.zeros((0, cfg.max_speech_samples), np.float32),
+                "speech_audio_lengths": np.zeros(0, np.int32),
+            }
+        if ex.reply and ex.reply_audio.size:
+            text, audio, tokens = ex.reply, ex.reply_audio, ex.reply_speech_tokens
+        else:
+            text, audio, tokens = ex.transcript, ex.audio, ex.speech_tokens
+        text_ids = np.asarray(chat.text(text), np.int32)
+        if len(text_ids) > cfg.speech_text_len:
+            too_long.append(f"speech text {len(text_ids)} tokens > speech_text_len {cfg.speech_text_len}")
+        if len(tokens) > cfg.speech_token_len:
+            too_long.append(f"{len(tokens)} speech tokens > speech_token_len {cfg.speech_token_len}")
+        if len(audio) > cfg.max_speech_samples:
+            too_long.append(f"speech audio longer than max_speech_seconds {cfg.max_speech_seconds}")
+        padded = np.zeros((1, cfg.max_speech_samples), np.float32)
+        padded[0, : min(len(audio), cfg.max_speech_samples)] = audio[: cfg.max_speech_samples]
+        return {
+            "speech_text": text_ids,
+            "speech_tokens": np.asarray(tokens, np.int32),
+            "speech_audio": padded,
+            "speech_audio_lengths": np.asarray([len(audio)], np.int32),
+        }
+
+
+# --------------------------------------------------------------------------- skipping
+
+
+class _SkipIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, empty: dict[str, Any]):
+        super().__init__(parent)
+        self._empty = empty
+
+    def __next__(self) -> dict[str, Any]:
+        pending = np.zeros(len(COUNTERS), np.int32)
+        while True:
+            try:
+                element = next(self._parent)
+            except StopIteration:
+                if pending.any():  # the stream ends in skipped records: report them still
+                    return {**self._empty, "counters": pending[None, :]}
+                raise
+            if isinstance(element, Skipped):
+                pending[COUNTERS.index(element.counter)] += 1
+                continue
+            if pending.any():
+                element = {**element, "counters": element["counters"] + pending[None, :]}
+            return element
+
+    # Skipped elements are consumed within one __next__, so the parent's state is all there is.
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state)
+
+
+class SkipAndCount(grain.IterDataset):
+    """Drops `Skipped` elements and adds their count to the next sample's counters."""
+
+    def __init__(self, parent: grain.IterDataset, empty: dict[str, Any]):
+        super().__init__(parent)
+        self._empty = empty
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _SkipIterator(self._parent.__iter__(), self._empty)
+
+
+def _empty_sample(cfg: DataConfig) -> dict[str, np.ndarray]:
+    """A sample with no tokens, only counters (ends a stream that ends in skipped records)."""
+    z = np.zeros(0, np.int32)
+    out = {
+        "input_ids": z, "targets": z, "loss_mask": z, "task_id": z,
+        "audio": np.zeros((0, cfg.max_audio_samples), np.float32), "audio_lengths": z,
+        "counters": np.zeros((1, len(COUNTERS)), np.int32),
+    }  # fmt: skip
+    if cfg.talker:
+        out.update(
+            speech_text=z, speech_tokens=z, speech_audio=np.zeros((0, cfg.max_speech_samples), np.float32),
+            speech_audio_lengths=z,
+        )  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class Finalize(grain.transforms.Map):
+    """Packed + batched arrays -> the documented batch format."""
+
+    def __init__(self, cfg: DataConfig, pad_id: int):
+        self.cfg = cfg
+        self.pad_id = pad_id
+
+    def map(self, b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        segment_ids = b["input_ids_segment_ids"].astype(np.int32)
+        padding = segment_ids == 0
+        out = {
+            "input_ids": np.where(padding, self.pad_id, b["input_ids"]).astype(np.int32),
+            "targets": np.where(padding, self.pad_id, b["targets"]).astype(np.int32),
+            "loss_mask": np.where(padding, 0, b["loss_mask"]).astype(np.float32),
+            "segment_ids": segment_ids,
+            "positions": b["input_ids_positions"].astype(np.int32),
+            "task_id": np.where(padding, 0, b["task_id"]).astype(np.int32),
+            "audio": b["audio"].astype(np.float32),
+            "audio_lengths": b["audio_lengths"].astype(np.int32),
+        }
+        counters = b["counters"].sum(axis=1)  # [B, max_segments, C] -> [B, C]
+        for i, name in enumerate(COUNTERS):
+            out[name] = counters[:, i].astype(np.int32)
+        if self.cfg.talker:
+            text_seg = b["speech_text_segment_ids"]
+            out["speech_text"] = np.where(text_seg == 0, self.pad_id, b["speech_text"]).astype(np.int32)
+            out["speech_text_lengths"] = (text_seg > 0).sum(axis=1).astype(np.int32)
+            out["speech_tokens"] = np.where(b["speech_tokens_segment_ids"] == 0, 0, b["speech_tokens"]).astype(np.int32)
+            out["speech_token_lengths"] = (b["speech_tokens_segment_ids"] > 0).sum(axis=1).astype(np.int32)
+            out["speech_audio"] = b["speech_audio"][:, 0].astype(np.float32)
+            out["speech_audio_lengths"] = b["speech_audio_lengths"][:, 0].astype(np.int32)
+            out["speech_segment"] = b["speech_audio_segment_ids"][:, 0].astype(np.int32)
+        return out
+
+
+def _absl_flags_parsed() -> None:
+    """Grain's prefetch workers read absl flags; outside an absl app nobody parsed them."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def tokenizer_path(cfg: DataConfig) -> str:
+    if cfg.tokenizer:
+        return str(Path(cfg.tokenizer).expanduser())
+    path = builders.dataset_dir(cfg.dataset, cfg.data_dir or None) / "tokenizer"
+    if not path.is_dir():
+        raise FileNotFoundError(f"no tokenizer at {path}; set data.tokenizer to a tokenizer folder")
+    return str(path)
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    return process_index, process_count
+
+
+def record_dataset(
+    cfg: DataConfig, *, process_index: int | None = None, process_count: int | None = None, source: Any = None
+) -> grain.MapDataset:
+    """This process's records, shuffled, repeated and decoded (`Example` or `Skipped`)."""
+    process_index, process_count = _process(process_index, process_count)
+    if source is None:
+        source = builders.open_source(cfg.dataset, cfg.split, cfg.data_dir or None)
+    ds = grain.MapDataset.source(SafeSource(source))
+    # Shard before shuffling: each process always owns the same records, and the shuffle only
+    # reorders them (reshuffled every epoch: grain folds the epoch into the seed).
+    ds = ds[process_index::process_count]
+    if len(ds) == 0:
+        raise ValueError(f"process {process_index} of {process_count} gets no records ({len(source)} in all)")
+    return ds.shuffle(seed=cfg.seed).repeat(cfg.num_epochs).map(decode)
+
+
+def sample_dataset(cfg: DataConfig, **kwargs: Any) -> grain.IterDataset:
+    """Packable samples (task, interleaving, tokens, loss masks); skipped ones counted."""
+    tok_path = tokenizer_path(cfg)
+    ds = record_dataset(cfg, **kwargs).random_map(MakeSample(cfg, tok_path), seed=cfg.seed)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=8 * cfg.batch_size))
+    return SkipAndCount(it, _empty_sample(cfg))
+
+
+def make_dataset(cfg: DataConfig, **kwargs: Any) -> grain.IterDataset:
+    """The whole pipeline as a grain IterDataset of batches; `iter()` it for a checkpointable
+    iterator. Keyword arguments: `process_index`, `process_count` (default: JAX's) and `source`
+    (anything with len and [i], in place of the TFDS source)."""
+    T, A = cfg.seq_len, cfg.max_clips
+    lengths = {"input_ids": T, "targets": T, "loss_mask": T, "task_id": T, "audio": A, "audio_lengths": A}
+    lengths["counters"] = cfg.max_segments
+    if cfg.talker:
+        lengths.update(speech_text=cfg.speech_text_len, speech_tokens=cfg.speech_token_len)
+        lengths.update(speech_audio=1, speech_audio_lengths=1)  # one talker pair per row
+    it = grain.experimental.FirstFitPackIterDataset(
+        sample_dataset(cfg, **kwargs), length_struct=lengths, num_packing_bins=cfg.batch_size,
+        seed=cfg.seed, max_sequences_per_bin=cfg.max_segments,
+    )  # fmt: skip
+    batch_fn = functools.partial(grain.experimental.batch_and_pad, batch_size=cfg.batch_size)
+    it = it.batch(cfg.batch_size, batch_fn=batch_fn)
+    it = it.map(Finalize(cfg, _chat_tokens(tokenizer_path(cfg)).pad))
+    if cfg.workers > 0:
+        _absl_flags_parsed()
+        options = grain.MultiprocessingOptions(num_workers=cfg.workers, per_worker_buffer_size=cfg.worker_buffer_size)
+        it = it.mp_prefetch(options)
+    return it
+
+
+def make_iterator(cfg: DataConfig, **kwargs: Any) -> grain.DatasetIterator:
+    """A checkpointable iterator over batches (see the module docstring)."""
+    return iter(make_dataset(cfg, **kwargs))

@@ -1,0 +1,370 @@
+"""Specification of the flow decoder (CosyVoice 2's CausalMaskedDiffWithXvec), its converter and
+its flow-matching loss.
+
+The reference is FunAudioLLM/CosyVoice (cosyvoice/flow/{flow,flow_matching,decoder}.py and
+cosyvoice/transformer/upsample_encoder.py); tests/fixtures/cosyvoice2-flow-tiny holds its
+recorded outputs. Everything else here uses random tiny configs of other sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import FIXTURES, full_mesh, single_device_mesh
+from hellochat_jax import sharding as shd
+from hellochat_jax.convert import cosyvoice2_flow
+from hellochat_jax.convert.common import CheckpointError, DictSource, TorchSource
+from hellochat_jax.convert.cosyvoice2_yaml import load_cosyvoice_yaml
+from hellochat_jax.nn.conformer import UpsampleEncoderConfig
+from hellochat_jax.nn.flow import (
+    EstimatorConfig,
+    FlowConfig,
+    FlowDecoder,
+    draw_loss_randomness,
+    flow_matching_loss,
+    time_schedule,
+)
+from hellochat_jax.verify import run_case
+
+torch = pytest.importorskip("torch")
+
+FIXTURE = FIXTURES / "cosyvoice2-flow-tiny"
+MEL = 20  # mel bins of the tiny configs here (the release has 80)
+
+
+def tiny_config(chunk: int = 4, channels: tuple[int, ...] = (16,), heads: int = 3, **kw) -> FlowConfig:
+    d = 6 * heads
+    encoder = UpsampleEncoderConfig(input_size=d, output_size=d, attention_heads=heads, linear_units=2 * d, num_blocks=1, static_chunk_size=chunk)
+    estimator = EstimatorConfig(in_channels=4 * MEL, out_channels=MEL, channels=channels, attention_head_dim=8, n_blocks=1, num_mid_blocks=1, num_heads=2, static_chunk_size=2 * chunk)
+    return FlowConfig(input_size=d, output_size=MEL, spk_embed_dim=12, vocab_size=50, encoder=encoder, estimator=estimator, n_timesteps=3, precision="highest", **kw)
+
+
+def tiny_model(cfg: FlowConfig | None = None, seed: int = 0) -> FlowDecoder:
+    """Random weights everywhere (biases and norms too), so every parameter matters. Built
+    inside one jit: eager initialisation would compile every initializer shape separately."""
+    cfg = cfg or tiny_config()
+
+    @nnx.jit
+    def make():
+        model = FlowDecoder(cfg, rngs=nnx.Rngs(seed))
+        state = nnx.state(model, nnx.Param)
+        leaves, treedef = jax.tree.flatten(state)
+        keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+        leaves = [x + 0.2 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+        nnx.update(model, jax.tree.unflatten(treedef, leaves))
+        return model
+
+    return make()
+
+
+def rows(seed: int, token_lens, prompt_lens, n_tokens: int, n_prompt: int, cfg: FlowConfig) -> dict[str, np.ndarray]:
+    """A right-padded inference batch: prompt tokens, prompt mel (2 frames per token), tokens."""
+    rng = np.random.default_rng(seed)
+    b = len(token_lens)
+    return {
+        "token": rng.integers(0, cfg.vocab_size, (b, n_tokens)).astype(np.int32),
+        "token_len": np.asarray(token_lens, np.int32),
+        "prompt_token": rng.integers(0, cfg.vocab_size, (b, n_prompt)).astype(np.int32),
+        "prompt_token_len": np.asarray(prompt_lens, np.int32),
+        "prompt_feat": rng.normal(-5, 2, (b, 2 * n_prompt, cfg.output_size)).astype(np.float32),
+        "prompt_feat_len": 2 * np.asarray(prompt_lens, np.int32),
+        "embedding": rng.normal(size=(b, cfg.spk_embed_dim)).astype(np.float32),
+    }
+
+
+@nnx.jit(static_argnames=("streaming", "finalize"))
+def infer(model, batch, noise, streaming=False, finalize=True):
+    return model.inference(
+        batch["token"], batch["token_len"], batch["prompt_token"], batch["prompt_token_len"], batch["prompt_feat"],
+        batch["prompt_feat_len"], batch["embedding"], noise=noise, streaming=streaming, finalize=finalize,
+    )
+
+
+def row(batch: dict, i: int, n_tokens: int, n_prompt: int) -> dict:
+    """Row i of a padded batch, cut to its own lengths (what a batch of one would hold)."""
+    return {
+        "token": batch["token"][i : i + 1, :n_tokens],
+        "token_len": batch["token_len"][i : i + 1],
+        "prompt_token": batch["prompt_token"][i : i + 1, :n_prompt],
+        "prompt_token_len": batch["prompt_token_len"][i : i + 1],
+        "prompt_feat": batch["prompt_feat"][i : i + 1, : 2 * n_prompt],
+        "prompt_feat_len": batch["prompt_feat_len"][i : i + 1],
+        "embedding": batch["embedding"][i : i + 1],
+    }
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+def test_fixture_parity_on_one_device():
+    _, result = run_case(FIXTURE, single_device_mesh())
+    assert all(r.ok for r in result), [r for r in result if not r.ok]
+
+
+def test_fixture_parity_on_8_device_mesh():
+    _, result = run_case(FIXTURE, full_mesh())
+    assert all(r.ok for r in result), [r for r in result if not r.ok]
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_comes_from_the_yaml_and_sizes_the_hardcoded_512_layers():
+    cfg = cosyvoice2_flow.read_config(FIXTURE / "checkpoint")
+    assert cfg.encoder.output_size == 40 and cfg.encoder.num_up_blocks == 4 and cfg.encoder.pre_lookahead_len == 3
+    assert cfg.estimator.channels == (24,) and cfg.estimator.static_chunk_size == 50 and cfg.encoder.static_chunk_size == 25
+    assert cfg.sigma_min == 1e-6 and cfg.inference_cfg_rate == 0.7 and cfg.t_scheduler == "cosine"
+    model = nnx.eval_shape(lambda: FlowDecoder(cfg, rngs=nnx.Rngs(0)))
+    # reference: PreLookaheadLayer(512, 512) and Upsample1D(512, 512) whatever the width
+    assert model.encoder.pre_lookahead_layer.conv1.kernel.shape == (4, 40, 40)
+    assert model.encoder.up_layer.conv.kernel.shape == (5, 40, 40)
+
+
+def test_yaml_written_by_export_reads_back_to_the_same_config(tmp_path):
+    for cfg in (cosyvoice2_flow.read_config(FIXTURE / "checkpoint"), tiny_config(channels=(16, 24))):
+        cfg = dataclasses.replace(cfg, n_timesteps=10, precision=None)
+        data = {"flow": cosyvoice2_flow.config_to_yaml(cfg)}
+        from hellochat_jax.convert.cosyvoice2_yaml import dump_cosyvoice_yaml
+
+        (tmp_path / "cosyvoice2.yaml").write_text(dump_cosyvoice_yaml(data))
+        assert cosyvoice2_flow.read_config(tmp_path) == cfg
+
+
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda f: f["encoder"].value.update(use_cnn_module=True), "use_cnn_module"),
+        (lambda f: f["encoder"].value.update(pos_enc_layer_type="rel_pos"), "pos_enc_layer_type"),
+        (lambda f: f["decoder"].value["estimator"].value.update(act_fn="snakebeta"), "act_fn"),
+        (lambda f: f["decoder"].value["cfm_params"].value["content"].update(solver="midpoint"), "solver"),
+        (lambda f: f.update(output_type="linear"), "output_type"),
+        (lambda f: f.update(surprise=1), "surprise"),
+    ],
+)
+def test_refuses_yaml_settings_it_does_not_implement(edit, needle):
+    data = load_cosyvoice_yaml(FIXTURE / "checkpoint" / "cosyvoice2.yaml")
+    edit(data["flow"].value)
+    with pytest.raises(CheckpointError, match=needle):
+        cosyvoice2_flow.config_from_yaml(data)
+
+
+def test_cosine_time_schedule():
+    t = time_schedule(10, "cosine")
+    assert t.dtype == np.float32 and t[0] == 0 and t[-1] == 1
+    np.testing.assert_allclose(t, 1 - np.cos(np.linspace(0, 1, 11) * np.pi / 2), atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- converter
+
+
+def test_export_reproduces_the_fixture_flow_pt_bit_exactly(tmp_path):
+    cfg, model = cosyvoice2_flow.load(FIXTURE / "checkpoint", single_device_mesh())
+    cosyvoice2_flow.export(model, cfg, tmp_path)
+    theirs = torch.load(FIXTURE / "checkpoint" / "flow.pt", weights_only=True)
+    ours = torch.load(tmp_path / "flow.pt", weights_only=True)
+    assert sorted(ours) == sorted(theirs)
+    for k in theirs:
+        assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
+    assert cosyvoice2_flow.read_config(tmp_path) == cfg
+
+
+def test_multi_level_unet_round_trips_through_release_format_and_orbax(tmp_path):
+    from hellochat_jax.convert.common import save_orbax
+    from hellochat_jax.models import load_checkpoint
+
+    cfg = tiny_config(channels=(16, 24))
+    model = tiny_model(cfg)
+    cosyvoice2_flow.export(model, cfg, tmp_path / "rel")
+    sd = torch.load(tmp_path / "rel" / "flow.pt", weights_only=True)
+    assert "decoder.estimator.down_blocks.0.2.conv.weight" in sd and "decoder.estimator.down_blocks.1.2.weight" in sd
+    assert tuple(sd["decoder.estimator.up_blocks.0.2.conv.weight"].shape) == (16, 16, 4)  # ConvTranspose1d [in, out, k]
+    cfg2, loaded = cosyvoice2_flow.load(tmp_path / "rel", full_mesh(), precision="highest", n_timesteps=3)
+    assert cfg2 == cfg
+    save_orbax(loaded, tmp_path / "ckpt", component=cosyvoice2_flow.COMPONENT, config=dataclasses.asdict(cfg2))
+    component, cfg3, restored = load_checkpoint(tmp_path / "ckpt", single_device_mesh())
+    assert component == "cosyvoice2-flow" and cfg3 == cfg
+    cosyvoice2_flow.export(restored, cfg3, tmp_path / "out")
+    again = torch.load(tmp_path / "out" / "flow.pt", weights_only=True)
+    assert list(again) == list(sd) and all(torch.equal(again[k], sd[k]) for k in sd)
+
+
+def test_refuses_mismatched_checkpoints_by_name():
+    cfg = cosyvoice2_flow.read_config(FIXTURE / "checkpoint")
+    src = TorchSource(FIXTURE / "checkpoint" / "flow.pt")
+    bad = {k: src.get(k) for k in src.keys()}
+    del bad["encoder.up_encoders.3.feed_forward.w_1.weight"]
+    bad["decoder.rand_noise"] = np.zeros((1, 80, 15000), np.float32)
+    bad["encoder.pre_lookahead_layer.conv1.weight"] = np.zeros((512, 512, 4), np.float32)
+    with pytest.raises(CheckpointError) as e:
+        cosyvoice2_flow.load_from_source(cfg, DictSource(bad), single_device_mesh())
+    msg = str(e.value)
+    for key in ("encoder.up_encoders.3.feed_forward.w_1.weight", "decoder.rand_noise", "encoder.pre_lookahead_layer.conv1.weight"):
+        assert key in msg, key
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+@pytest.mark.parametrize("streaming,finalize", [(False, True), (True, True), (True, False)])
+def test_padded_batch_rows_equal_rows_alone(streaming, finalize):
+    """Padding (tokens, prompt tokens and prompt mel) changes nothing for the valid frames."""
+    cfg = tiny_config()
+    model = tiny_model(cfg)
+    token_lens, prompt_lens = [13, 7], [4, 2]
+    batch = rows(0, token_lens, prompt_lens, 13, 4, cfg)
+    noise = np.random.default_rng(1).normal(size=(1, 2 * 17, MEL)).astype(np.float32)
+    mel, mel_len = infer(model, batch, noise, streaming=streaming, finalize=finalize)
+    assert mel.shape == (2, 2 * 17 - 8, MEL)
+    drop = 0 if finalize else 2 * cfg.pre_lookahead_len
+    np.testing.assert_array_equal(mel_len, 2 * np.asarray(token_lens) - drop)
+    for i in range(2):
+        alone, n = infer(model, row(batch, i, token_lens[i], prompt_lens[i]), noise, streaming=streaming, finalize=finalize)
+        n = int(n[0])
+        assert n == int(mel_len[i])
+        np.testing.assert_allclose(mel[i, :n], alone[0, :n], atol=2e-5, rtol=1e-5)
+        assert not np.any(np.asarray(mel[i, n:]))
+
+
+def test_streaming_frames_do_not_depend_on_tokens_past_chunk_and_lookahead():
+    cfg = tiny_config(chunk=4)
+    model = tiny_model(cfg)
+    batch = rows(2, [12], [0], 12, 0, cfg)
+    noise = np.random.default_rng(3).normal(size=(1, 24, MEL)).astype(np.float32)
+    later = {**batch, "token": batch["token"].copy()}
+    later["token"][0, 4 + cfg.pre_lookahead_len :] = (later["token"][0, 4 + cfg.pre_lookahead_len :] + 1) % cfg.vocab_size
+    stream = [np.asarray(infer(model, b, noise, streaming=True)[0]) for b in (batch, later)]
+    full = [np.asarray(infer(model, b, noise, streaming=False)[0]) for b in (batch, later)]
+    np.testing.assert_allclose(stream[0][:, :8], stream[1][:, :8], atol=1e-6)  # first mel chunk (2 x 4 frames)
+    assert np.abs(stream[0][:, 8:] - stream[1][:, 8:]).max() > 1e-3
+    assert np.abs(full[0][:, :8] - full[1][:, :8]).max() > 1e-3  # without chunk masks everything sees everything
+
+
+def test_lookahead_context_gives_the_finalized_frames_of_complete_chunks():
+    """finalize=False on tokens[:n] equals finalize=True on tokens[:n] up to the last complete chunk."""
+    cfg = tiny_config(chunk=4)
+    model = tiny_model(cfg)
+    batch = rows(4, [11], [3], 11, 3, cfg)
+    noise = np.random.default_rng(5).normal(size=(1, 28, MEL)).astype(np.float32)
+    ctx, n_ctx = infer(model, batch, noise, streaming=True, finalize=False)
+    done, n_done = infer(model, batch, noise, streaming=True, finalize=True)
+    assert int(n_ctx[0]) == int(n_done[0]) - 6
+    complete = (2 * (14 - 3)) // 8 * 8 - 6  # mel frames of complete chunks, after the 6 prompt frames
+    np.testing.assert_allclose(ctx[0, :complete], done[0, :complete], atol=1e-5)
+
+
+def test_key_noise_is_seeded_and_shapes_follow_the_inputs():
+    cfg = tiny_config(channels=(16, 24))  # a two-level U-Net with down- and upsampling
+    model = tiny_model(cfg)
+    batch = rows(6, [9, 5, 8], [3, 3, 0], 9, 3, cfg)
+    f = nnx.jit(lambda m, b, k: m.inference(*(b[n] for n in ("token", "token_len", "prompt_token", "prompt_token_len", "prompt_feat", "prompt_feat_len", "embedding")), key=k))
+    a, la = f(model, batch, jax.random.key(0))
+    b, _ = f(model, batch, jax.random.key(0))
+    c, _ = f(model, batch, jax.random.key(1))
+    assert a.shape == (3, 2 * 12 - 6, MEL) and np.all(np.isfinite(a))
+    np.testing.assert_array_equal(la, [18, 10, 16])
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
+
+
+def test_bad_inference_inputs_are_refused():
+    cfg = tiny_config()
+    model = tiny_model(cfg)
+    batch = rows(0, [5], [2], 5, 2, cfg)
+    with pytest.raises(ValueError, match="noise"):
+        infer(model, batch, np.zeros((1, 10, MEL), np.float32))  # 14 frames needed
+    with pytest.raises(ValueError, match="noise=... or key"):
+        model.inference(*(batch[n] for n in ("token", "token_len", "prompt_token", "prompt_token_len", "prompt_feat", "prompt_feat_len", "embedding")))
+    with pytest.raises(ValueError, match="inconsistent flow config"):
+        dataclasses.replace(cfg, output_size=MEL + 1)
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def test_sharded_equals_unsharded():
+    cfg = tiny_config(heads=2)
+    model = tiny_model(cfg)
+    batch = rows(7, [10, 6, 9, 4], [2, 3, 0, 1], 10, 3, cfg)
+    noise = np.random.default_rng(8).normal(size=(4, 26, MEL)).astype(np.float32)
+    loss_batch = loss_inputs(9, [8, 5, 8, 3], cfg)
+    draws = draw_loss_randomness(jax.random.key(3), 2 * loss_batch["speech_token_len"], 16, cfg)
+    outs = []
+    for mesh in (single_device_mesh(), full_mesh()):
+        with jax.set_mesh(mesh), shd.use_rules(shd.DEFAULT_RULES):
+            m = shd.shard_model(nnx.clone(model), mesh)
+            mel, _ = infer(m, shd.put_batch(batch, mesh), shd.put_batch(noise, mesh), streaming=True)
+            loss, aux = loss_fn(m, shd.put_batch(loss_batch, mesh), draws)
+            outs.append((np.asarray(mel), float(loss), np.asarray(aux["pred"])))
+    kernel = shd.shard_model(nnx.clone(model), full_mesh()).estimator.mid_blocks[0].transformer_blocks[0].ff.proj.kernel[...]
+    assert len(kernel.sharding.device_set) > 1  # the parameters really are spread over the mesh
+    np.testing.assert_allclose(outs[0][0], outs[1][0], atol=2e-5)
+    np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-5)
+    np.testing.assert_allclose(outs[0][2], outs[1][2], atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def loss_inputs(seed: int, token_lens, cfg: FlowConfig, n_tokens: int = 8) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    b = len(token_lens)
+    lens = np.asarray(token_lens, np.int32)
+    feat = rng.normal(-5, 2, (b, 2 * n_tokens, cfg.output_size)).astype(np.float32)
+    feat *= (np.arange(2 * n_tokens)[None, :] < 2 * lens[:, None])[..., None]
+    tokens = rng.integers(0, cfg.vocab_size, (b, n_tokens)).astype(np.int32) * (np.arange(n_tokens)[None] < lens[:, None])
+    return {"speech_token": tokens, "speech_token_len": lens, "speech_feat": feat, "embedding": rng.normal(size=(b, cfg.spk_embed_dim)).astype(np.float32)}
+
+
+@nnx.jit
+def loss_fn(model, batch, draws):
+    return flow_matching_loss(model, batch["speech_token"], batch["speech_token_len"], batch["speech_feat"], batch["embedding"], draws=draws)
+
+
+def test_loss_draws_follow_the_reference_rules():
+    cfg = tiny_config()
+    feat_len = jnp.full((4000,), 40, jnp.int32)
+    d = draw_loss_randomness(jax.random.key(0), feat_len, 40, cfg)
+    assert d.z.shape == (4000, 40, MEL) and d.t.min() >= 0 and d.t.max() < 1
+    assert abs(float(d.cfg_keep.mean()) - 0.8) < 0.03  # training_cfg_rate 0.2 drops the condition
+    assert abs(float((d.cond_len > 0).mean()) - 0.5 * 12 / 13) < 0.03  # half get a prompt, of 0..12 frames
+    assert int(d.cond_len.max()) == 12  # int(0.3 * 40), inclusive
+    assert d.streaming.shape == () and d.streaming.dtype == jnp.bool_
+
+
+def test_loss_is_jittable_differentiable_seeded_and_ignores_padding():
+    cfg = tiny_config()
+    model = tiny_model(cfg)
+    batch = loss_inputs(0, [8, 5], cfg)
+
+    @nnx.jit
+    def loss_and_grad(model, batch, key):
+        def f(m):
+            return flow_matching_loss(m, batch["speech_token"], batch["speech_token_len"], batch["speech_feat"], batch["embedding"], key=key)[0]
+
+        return nnx.value_and_grad(f)(model)
+
+    l0, g0 = loss_and_grad(model, batch, jax.random.key(0))
+    l1, _ = loss_and_grad(model, batch, jax.random.key(0))
+    l2, _ = loss_and_grad(model, batch, jax.random.key(1))
+    assert float(l0) == float(l1) and float(l0) != float(l2) and np.isfinite(float(l0))
+    grads = jax.tree.leaves(g0)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+    assert np.abs(np.asarray(g0["estimator"]["final_proj"]["kernel"][...])).max() > 0
+
+    # what sits in padded token slots or padded mel frames does not matter
+    draws = draw_loss_randomness(jax.random.key(2), 2 * batch["speech_token_len"], 16, cfg)
+    noisy = dict(batch)
+    noisy["speech_token"] = batch["speech_token"].copy()
+    noisy["speech_token"][1, 5:] = 7
+    noisy["speech_feat"] = batch["speech_feat"].copy()
+    noisy["speech_feat"][1, 10:] = 3.0
+    a, aux_a = loss_fn(model, batch, draws)
+    b, aux_b = loss_fn(model, noisy, draws)
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+    assert not np.any(np.asarray(aux_a["pred"])[1, 10:])

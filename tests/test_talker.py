@@ -1,0 +1,204 @@
+"""Specification of the talker bundle, `hellochat convert cosyvoice2` and `hellochat speak`,
+on a tiny random-weight release folder (hellochat_jax/talker_testing.py)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import soundfile as sf
+
+from hellochat_jax.cli import main as cli
+from hellochat_jax.convert import cosyvoice2 as release_lib
+from hellochat_jax.nn import speech_lm as slm
+from hellochat_jax.talker import Talker, TalkerError, VoicePrompt, flow_mel
+from hellochat_jax.talker_testing import make_tiny_release
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("kaldi_native_fbank")
+
+RATE = 24000
+FRAME = 480  # samples per mel frame at 24 kHz
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("talker")
+    make_tiny_release(root / "release")
+    assert cli(["convert", "cosyvoice2", "--release", str(root / "release"), "--out", str(root / "talker")]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def talker(folders):
+    return Talker.load(folders / "talker")
+
+
+def voice(seconds: float, rate: int, amplitude: float = 0.3) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (amplitude * np.sin(2 * np.pi * 180 * t) * (1 + 0.5 * np.sin(2 * np.pi * 4 * t))).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def test_release_round_trip_is_bit_exact(folders):
+    back = folders / "back"
+    assert cli(["convert", "cosyvoice2", "--talker", str(folders / "talker"), "--export", "--out", str(back)]) == 0
+    for name in ("llm.pt", "flow.pt", "hift.pt", "speech_tokenizer_v2_25hz.pt"):
+        a = torch.load(folders / "release" / name, weights_only=True)
+        b = torch.load(back / name, weights_only=True)
+        assert list(a) == list(b), name
+        assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a), name
+    for name in ("cosyvoice2.yaml", "campplus.onnx", "CosyVoice-BlankEN/config.json", "CosyVoice-BlankEN/tokenizer.json"):
+        assert (folders / "release" / name).read_bytes() == (back / name).read_bytes(), name
+
+
+def test_incomplete_release_is_refused_by_name(tmp_path, folders):
+    shutil.copytree(folders / "release", tmp_path / "rel")
+    (tmp_path / "rel" / "flow.pt").unlink()
+    with pytest.raises(release_lib.CheckpointError, match="missing flow.pt"):
+        release_lib.convert_release(tmp_path / "rel", tmp_path / "out", progress=False)
+
+
+# ----------------------------------------------------------------------------- speaking
+
+
+def test_speak_cli_writes_wavs_for_a_batch(folders, tmp_path):
+    out = tmp_path / "reply.wav"
+    assert cli(["speak", "--talker", str(folders / "talker"), "--text", "Hi", "--text", "Hey you", "--out", str(out), "--greedy"]) == 0
+    for name in ("reply_0.wav", "reply_1.wav"):
+        wav, rate = sf.read(str(tmp_path / name))
+        assert rate == RATE and wav.ndim == 1 and len(wav) > 0 and len(wav) % FRAME == 0
+
+
+def test_speak_cli_streams_into_a_wav_with_a_voice_prompt(folders, tmp_path):
+    sf.write(str(tmp_path / "voice.wav"), voice(1.2, 16000), 16000)
+    out = tmp_path / "s.wav"
+    args = ["speak", "--talker", str(folders / "release"), "--text", "Hi", "--out", str(out), "--stream",
+            "--prompt-wav", str(tmp_path / "voice.wav"), "--prompt-text", "a voice"]
+    assert cli(args) == 0
+    wav, rate = sf.read(str(out))
+    assert rate == RATE and len(wav) > 0 and np.isfinite(wav).all()
+
+
+def test_batched_speech_tokens_equal_one_by_one(talker):
+    texts = [talker.encode_text(t) for t in ("Hi", "Hey you")]
+    key = jax.random.key(0)
+    batched = talker.speech_decoder(texts, None, key, slm.GREEDY).advance().result()
+    for i, t in enumerate(texts):
+        one = talker.speech_decoder([t], None, key, slm.GREEDY).advance().result()
+        assert batched[0][i, : batched[1][i]].tolist() == one[0][0, : one[1][0]].tolist()
+
+
+def test_audio_length_follows_the_tokens_streaming_or_not(talker):
+    key = jax.random.key(1)
+    tokens = talker.speech_decoder([talker.encode_text("Hi")], None, jax.random.split(key, 3)[0], slm.GREEDY).advance().result()
+    n = int(tokens[1][0])
+    [wav] = talker.speak("Hi", key=key, sampling=slm.GREEDY)
+    chunks = list(talker.speak_stream("Hi", key=key, sampling=slm.GREEDY))
+    assert len(wav) == n * 2 * FRAME
+    assert sum(len(c) for c in chunks) == n * 2 * FRAME and len(chunks) >= 2
+    assert all(np.isfinite(c).all() and np.abs(c).max() <= 0.99 for c in chunks)
+
+
+def test_zero_shot_prompt_features(talker):
+    prompt = talker.make_prompt(voice(1.0, 16000), "a voice", sample_rate=16000)
+    assert prompt.speech_tokens.ndim == 1 and 20 <= len(prompt.speech_tokens) <= 25
+    assert prompt.mel.shape == (2 * len(prompt.speech_tokens), 80)
+    assert prompt.xvector.shape == (192,) and np.abs(prompt.xvector).sum() > 0
+    assert prompt.text_tokens == talker.encode_text("a voice")
+
+
+@pytest.mark.parametrize("rate", [8000, 44100])
+def test_prompt_at_another_sample_rate_is_resampled(talker, rate):
+    ref = talker.make_prompt(voice(1.0, 16000), "a voice", sample_rate=16000)
+    got = talker.make_prompt(voice(1.0, rate), "a voice", sample_rate=rate)
+    assert abs(len(got.speech_tokens) - len(ref.speech_tokens)) <= 1
+    assert got.mel.shape[1] == 80 and got.mel.shape[0] == 2 * len(got.speech_tokens)
+
+
+def test_flow_mel_frames():
+    # matcha's mel_spectrogram (center=False, reflect pad 720): one frame per 480 samples
+    mel = flow_mel(voice(1.0, RATE))
+    assert mel.shape == (50, 80) and np.isfinite(mel).all()
+    assert flow_mel(np.zeros(RATE, np.float32)).max() == pytest.approx(np.log(1e-5), abs=1e-3)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("text", ["", "   \n"])
+def test_empty_text_is_refused(talker, text):
+    with pytest.raises(TalkerError, match="empty"):
+        talker.speak(text)
+
+
+def test_text_outside_the_vocabulary_is_refused(talker):
+    t = copy.copy(talker)
+    t.tokenizer = copy.deepcopy(talker.tokenizer)
+    t.tokenizer.add_tokens(["zzfoo"] + [f"pad{i}" for i in range(60)])  # ids past the LM's 320
+    with pytest.raises(TalkerError, match="outside the LM's text vocabulary"):
+        t.speak("say zzfoo")
+
+
+def test_text_the_tokenizer_cannot_encode_is_refused(talker, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    t = copy.copy(talker)
+    t.tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    assert t.encode_text("hello") == [1]
+    with pytest.raises(TalkerError, match="cannot encode"):
+        t.encode_text("hello wörld")
+
+
+def test_silent_prompt_is_refused(talker):
+    with pytest.raises(TalkerError, match="silent"):
+        talker.make_prompt(np.zeros(16000, np.float32), "a voice", sample_rate=16000)
+
+
+def test_too_short_prompt_is_refused(talker):
+    with pytest.raises(TalkerError, match="too short"):
+        talker.make_prompt(voice(0.3, 16000), "a voice", sample_rate=16000)
+
+
+def test_prompt_with_nan_samples_is_refused(talker):
+    wav = voice(1.0, 16000)
+    wav[100] = np.nan
+    with pytest.raises(TalkerError, match="NaN"):
+        talker.make_prompt(wav, "a voice", sample_rate=16000)
+
+
+def test_prompt_without_its_text_is_refused(talker):
+    with pytest.raises(TalkerError, match="transcript"):
+        talker.make_prompt(voice(1.0, 16000), None, sample_rate=16000)
+
+
+def test_absent_campplus_refuses_prompts_but_speaks_with_the_default_voice(folders, tmp_path):
+    shutil.copytree(folders / "talker", tmp_path / "t")
+    (tmp_path / "t" / "campplus.onnx").unlink()
+    t = Talker.load(tmp_path / "t")
+    with pytest.raises(TalkerError, match="campplus.onnx"):
+        t.make_prompt(voice(1.0, 16000), "a voice", sample_rate=16000)
+    [wav] = t.speak("Hi", key=jax.random.key(0), sampling=slm.GREEDY)
+    assert len(wav) > 0
+
+
+def test_nan_in_a_mel_is_refused(talker):
+    prompt = talker.make_prompt(voice(1.0, 16000), "a voice", sample_rate=16000)
+    bad = VoicePrompt(prompt.text_tokens, prompt.speech_tokens, prompt.mel.copy(), prompt.xvector)
+    bad.mel[3, 7] = np.nan
+    with pytest.raises(TalkerError, match="NaN"):
+        talker.speak("Hi", bad)
+    mel = np.zeros((1, 20, 80), np.float32)
+    mel[0, 5, 5] = np.inf
+    with pytest.raises(TalkerError, match="NaN/inf"):
+        talker.vocode(mel, np.asarray([20]), jax.random.key(0))

@@ -1,0 +1,75 @@
+"""Training objectives.
+
+Each loss is a SUM over the positions it covers divided by a normaliser computed from the
+whole step's batch (all accumulated micro-batches) before any forward pass: the normaliser
+depends only on masks, so summing the micro-batches' gradients gives exactly the gradient of
+one big batch, whatever `grad_accum` is.
+
+    thinker: next-token cross-entropy on assistant tokens (loss_mask), per task
+    talker:  speech-token cross-entropy on speech targets (!= -1), length-normalised as in
+             CosyVoice 2
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+IGNORE_ID = -1
+
+
+@jax.checkpoint  # keep only the logits for the backward pass, not their f32 exponentials
+def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-position cross-entropy (f32) and whether argmax == target; targets < 0 are safe."""
+    logits = logits.astype(jnp.float32)
+    safe = jnp.maximum(targets, 0)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    return logz - picked, jnp.argmax(logits, axis=-1) == safe
+
+
+class Objective:
+    """The step's loss: thinker CE plus, when the model has a talker, weighted speech CE."""
+
+    def __init__(self, num_tasks: int, talker_weight: float = 1.0):
+        self.num_tasks = num_tasks
+        self.talker_weight = talker_weight
+
+    def normalizers(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """From the stacked step batch [accum, rows, ...]."""
+        out = {"thinker": jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)}
+        if "speech_targets" in batch:
+            out["talker"] = jnp.maximum(jnp.sum(batch["speech_targets"] != IGNORE_ID).astype(jnp.float32), 1.0)
+        return out
+
+    def __call__(self, model, batch: dict[str, jax.Array], key: jax.Array, norms: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, Any]]:
+        """One micro-batch -> (its share of the step loss, summed statistics)."""
+        del key  # no stochastic layers yet; kept so dropout or flow-matching noise can use it
+        embeds = model.thinker_inputs(batch["input_ids"], batch.get("audio"), batch.get("audio_lengths"))
+        logits, _ = model.thinker(inputs_embeds=embeds, attention_mask=batch["segment_ids"], positions=batch["positions"])
+        ce, correct = token_cross_entropy(logits, batch["targets"])
+        mask = batch["loss_mask"].astype(jnp.float32)
+        onehot = jax.nn.one_hot(batch["task_id"], self.num_tasks, dtype=jnp.float32) * mask[..., None]
+        stats = {
+            "thinker_ce": jnp.sum(ce * mask),
+            "thinker_tokens": jnp.sum(mask),
+            "thinker_correct": jnp.sum(correct * mask),
+            "task_ce": jnp.einsum("bt,btk->k", ce, onehot),
+            "task_tokens": jnp.sum(onehot, axis=(0, 1)),
+            "input_tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
+        }
+        if "bad_records" in batch:  # records the data pipeline skipped for this micro-batch
+            stats["skipped_records"] = jnp.sum(batch["bad_records"] + batch["too_long"]).astype(jnp.float32)
+        loss = stats["thinker_ce"] / norms["thinker"]
+        if "talker" in norms and model.talker is not None:
+            s_logits, _ = model.talker(batch["speech_ids"], batch["speech_kinds"])
+            s_targets = batch["speech_targets"]
+            s_ce, s_correct = token_cross_entropy(s_logits, s_targets)
+            s_mask = (s_targets != IGNORE_ID).astype(jnp.float32)
+            stats["talker_ce"] = jnp.sum(s_ce * s_mask)
+            stats["talker_tokens"] = jnp.sum(s_mask)
+            stats["talker_correct"] = jnp.sum(s_correct * s_mask)
+            loss = loss + self.talker_weight * stats["talker_ce"] / norms["talker"]
+        return loss, stats
