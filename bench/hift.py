@@ -99,13 +99,20 @@ def main() -> int:
     mel = (rng.standard_normal((1, cfg.in_channels, frames)) - 5.0).astype(np.float32)
     key = jax.random.key(0)
 
+    folded = ours.fold_weight_norm()  # what inference runs: kernels computed once at load
+
     def run_ours():
+        wav, _ = synthesize(folded, mel, key=key)
+        return wav.block_until_ready()
+
+    def run_ours_unfolded():
         wav, _ = synthesize(ours, mel, key=key)
         return wav.block_until_ready()
 
     t0 = time.perf_counter()
     run_ours()
     compile_s = time.perf_counter() - t0
+    run_ours_unfolded()
 
     ref, why = reference_model(args.cosyvoice_src, hift_args)
     check = None
@@ -129,9 +136,10 @@ def main() -> int:
         fn()
         into.append((time.perf_counter() - wall, time.process_time() - cpu))
 
-    times_ours, times_ref = [], []
+    times_ours, times_unfolded, times_ref = [], [], []
     for _ in range(args.repeats):
         timed(run_ours, times_ours)
+        timed(run_ours_unfolded, times_unfolded)
         if ref is not None:
             timed(run_ref, times_ref)
 
@@ -150,10 +158,12 @@ def main() -> int:
         "audio_seconds": audio_seconds,
         "params_million": n_params / 1e6,
         "ours": {**summary(times_ours), "compile_s": compile_s},
+        "ours_weight_norm_unfolded": summary(times_unfolded),
     }
     print(f"HiFT vocoder, {n_params / 1e6:.1f}M params, {frames} mel frames -> {audio_seconds:.2f} s of 24 kHz audio, float32, {jax.devices()[0].device_kind}")
     print(f"  load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (timings alternate ours / reference)")
-    print(f"  ours (JAX, jit)        median {result['ours']['median_s']:.3f} s  min {result['ours']['min_s']:.3f} s  RTF {result['ours']['rtf_median']:.3f}  CPU {result['ours']['cpu_s_median']:.3f} s  (first call with compile {compile_s:.1f} s)")
+    print(f"  ours (JAX, jit, folded) median {result['ours']['median_s']:.3f} s  min {result['ours']['min_s']:.3f} s  RTF {result['ours']['rtf_median']:.3f}  CPU {result['ours']['cpu_s_median']:.3f} s  (first call with compile {compile_s:.1f} s)")
+    print(f"  ours, weight norm folding in every call: median {result['ours_weight_norm_unfolded']['median_s']:.3f} s  CPU {result['ours_weight_norm_unfolded']['cpu_s_median']:.3f} s")
     if ref is not None:
         result["reference"] = summary(times_ref)
         result["speedup_median"] = result["reference"]["median_s"] / result["ours"]["median_s"]

@@ -30,6 +30,7 @@ from hellochat_jax.convert.common import (
     TorchSource,
     export_tensors,
     load_into,
+    variable_paths,
 )
 from hellochat_jax.convert.cosyvoice2_yaml import Tagged, dump_cosyvoice_yaml, load_cosyvoice_yaml
 from hellochat_jax.nn.conformer import UpsampleEncoderConfig
@@ -337,6 +338,28 @@ def load_from_source(
     progress: bool = False,
 ) -> FlowDecoder:
     return load_into(abstract_flow(cfg), source, TABLE, mesh, rules, what=what, progress=progress)
+
+
+def random_state_dict(cfg: FlowConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 weights in flow.pt's layout (release key names and shapes), drawn on the
+    host (no compile), for tests and benchmarks: matrices N(0, 1/fan_in), biases N(0, 0.1^2),
+    norm scales 1 + N(0, 0.2^2), the token table N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for path, var in variable_paths(nnx.state(abstract_flow(cfg))).items():
+        key, transform = TABLE.to_theirs(path)
+        shape, leaf = tuple(var.shape), path.rsplit(".", 1)[-1]
+        noise = rng.standard_normal(shape, dtype=np.float32)
+        if leaf == "scale":
+            value = 1 + 0.2 * noise
+        elif leaf in ("bias", "pos_bias_u", "pos_bias_v"):
+            value = 0.1 * noise
+        elif leaf == "embedding":
+            value = noise
+        else:
+            value = noise / np.sqrt(np.prod(shape[:-1]))
+        out[key] = np.ascontiguousarray(transform.to_theirs(value.astype(np.float32)))
+    return out
 
 
 def load(

@@ -260,6 +260,8 @@ def export_state_dict(model: HiFTVocoder, cfg: HiFTConfig) -> dict[str, Any]:
     """hift.pt's state dict (torch tensors) in the naming and prefix recorded in `cfg`."""
     import torch
 
+    if model.is_folded:
+        raise CheckpointError("this HiFTVocoder has its weight norm folded (fold_weight_norm); export the unfolded model")
     table = KeyTable(key_rules(cfg.checkpoint_naming, cfg.checkpoint_prefix))
     tensors = dict(export_tensors(model, table))
     return {k: torch.from_numpy(np.array(tensors[k])) for k in sorted(tensors, key=_reference_order)}

@@ -25,7 +25,6 @@ from flax import nnx
 from hellochat_jax import sharding as shd
 from hellochat_jax.convert.common import (
     CONV2D,
-    IDENTITY,
     TRANSPOSE,
     CheckpointError,
     KeyRule,

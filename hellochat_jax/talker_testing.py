@@ -120,14 +120,26 @@ def merge_yaml(folder: Path, sections: dict[str, Any]) -> None:
 # written by their exporters (their own tests check those against the reference fixtures).
 
 
-def _init(factory):
-    """Random init as one compiled program on one device (eager init of many small
-    parameters is slow)."""
-    import jax
+def _init(factory, seed: int):
+    """A module with random numpy weights (no compile, no per-parameter dispatch): norms'
+    scales and weight-norm gains near 1, biases small, other tensors ~ N(0, 1 / fan_in)."""
+    from flax import nnx
 
     from hellochat_jax import sharding as shd
+    from hellochat_jax.convert.common import variable_paths
 
-    return shd.init_sharded(factory, shd.make_mesh(devices=jax.devices()[:1]))
+    rng = np.random.default_rng(seed)
+    graphdef, state = nnx.split(shd.abstract_model(factory))
+    for path, var in variable_paths(state).items():
+        shape, name = tuple(var.shape), path.rsplit(".", 1)[-1]
+        if name in ("scale", "g", "alpha") or len(shape) == 0:
+            value = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif name == "bias" or len(shape) == 1:
+            value = 0.1 * rng.standard_normal(shape)
+        else:
+            value = rng.standard_normal(shape) / np.sqrt(max(1, int(np.prod(shape[:-1]))))
+        var.set_value(np.asarray(value, dtype=var.dtype))
+    return nnx.merge(graphdef, state)
 
 
 def tiny_flow_config(vocab_size: int = 6561):
@@ -152,7 +164,7 @@ def make_tiny_flow(folder: str | os.PathLike, *, vocab_size: int = 6561, seed: i
     from hellochat_jax.nn.flow import FlowDecoder
 
     cfg = tiny_flow_config(vocab_size)
-    cosyvoice2_flow.export(_init(lambda: FlowDecoder(cfg, rngs=nnx.Rngs(seed))), cfg, folder)
+    cosyvoice2_flow.export(_init(lambda: FlowDecoder(cfg, rngs=nnx.Rngs(seed)), seed), cfg, folder)
     return Path(folder)
 
 
@@ -163,7 +175,7 @@ def make_tiny_hift(folder: str | os.PathLike, *, seed: int = 2) -> Path:
     from hellochat_jax.nn.hift import HiFTVocoder
 
     cfg = tiny_hift_config()
-    cosyvoice2_hift.export(_init(lambda: HiFTVocoder(cfg, rngs=nnx.Rngs(seed))), cfg, folder)
+    cosyvoice2_hift.export(_init(lambda: HiFTVocoder(cfg, rngs=nnx.Rngs(seed)), seed), cfg, folder)
     merge_yaml(Path(folder), {"hift": cfg.to_yaml()})
     return Path(folder)
 
@@ -177,7 +189,7 @@ def make_tiny_s3tokenizer(folder: str | os.PathLike, *, seed: int = 3) -> Path:
     from hellochat_jax.nn.s3tokenizer import S3Tokenizer, S3TokenizerConfig
 
     cfg = S3TokenizerConfig(n_audio_state=64, n_audio_head=1, n_audio_layer=1)
-    pt = s3tokenizer.export(_init(lambda: S3Tokenizer(cfg, rngs=nnx.Rngs(seed))), cfg, Path(folder) / "speech_tokenizer_v2_25hz.pt")
+    pt = s3tokenizer.export(_init(lambda: S3Tokenizer(cfg, rngs=nnx.Rngs(seed)), seed), cfg, Path(folder) / "speech_tokenizer_v2_25hz.pt")
     (pt.parent / "config.json").unlink(missing_ok=True)
     return pt
 

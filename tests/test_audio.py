@@ -3,7 +3,6 @@ bad input is refused with an error that names the file and the problem."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -41,7 +41,9 @@ GOOD = [
     {
         "audio": "audio/b.flac", "transcript": "what time is it", "reply": "It is noon.",
         "reply_audio": "audio/reply.wav", "caption": "a man asks the time", "speech_tokens": [1, 2, 3],
-        "conversation": [{"role": "user", "text": "hi", "audio": "audio/turn.wav"}, {"role": "assistant", "text": "hello"}],
+        "conversation": [
+            {"role": "user", "text": "hi", "audio": "audio/turn.wav"}, {"role": "assistant", "text": "hello"},
+        ],
         "split": "validation",
     },
 ]  # fmt: skip

@@ -49,7 +49,8 @@ def test_batches_have_the_documented_fixed_shapes(tiny_corpus):  # noqa: F811
     cfg = make_cfg(tiny_corpus, mixture=P.Mixture(tts=1.0))
     shapes = P.batch_shapes(cfg)
     for batch in take(P.make_iterator(cfg, process_index=0, process_count=1), 4):
-        assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {k: (s, np.dtype(d)) for k, (s, d) in shapes.items()}
+        got = {k: (v.shape, v.dtype) for k, v in batch.items()}
+        assert got == {k: (s, np.dtype(d)) for k, (s, d) in shapes.items()}
         # positions restart per segment; padding is segment 0 with pad ids and no loss
         for (row, _), pos in segments(batch).items():
             np.testing.assert_array_equal(batch["positions"][row, pos], np.arange(len(pos)))
@@ -153,9 +154,12 @@ def test_packing_keeps_every_token_once(tiny_corpus):  # noqa: F811
             ids = batch["input_ids"][row, pos]
             n_clips = int((ids == P._chat_tokens(P.tokenizer_path(cfg)).audio_bos).sum())
             seg_clips, clips[row] = clips[row][:n_clips], clips[row][n_clips:]
-            packed.append((tuple(ids), tuple(float(c.sum()) for c in seg_clips)))
-    unpacked = [(tuple(s["input_ids"]), tuple(float(c[:n].sum()) for c, n in zip(s["audio"], s["audio_lengths"])))
-                for s in samples]  # fmt: skip
+            # batches hold float32 = int16 / 2^15 exactly; samples still hold the int16
+            packed.append((tuple(ids), tuple(int(np.round(c * 32768).astype(np.int64).sum()) for c in seg_clips)))
+    unpacked = []
+    for s in samples:
+        clip_sums = tuple(int(c[:n].astype(np.int64).sum()) for c, n in zip(s["audio"], s["audio_lengths"]))
+        unpacked.append((tuple(s["input_ids"]), clip_sums))
     assert len(unpacked) == 48
     assert collections.Counter(packed) == collections.Counter(unpacked)
     real = sum(int((b["segment_ids"] > 0).sum()) for b in batches)
@@ -262,6 +266,7 @@ def test_config_errors_are_clear(tiny_corpus):  # noqa: F811
     with pytest.raises(ValueError, match="mixture"):
         P.DataConfig(mixture=P.Mixture(0, 0, 0, 0, 0, 0))
     with pytest.raises(FileNotFoundError, match="hellochat data build"):
-        P.make_dataset(P.DataConfig(dataset="nothing_here", data_dir=str(tiny_corpus)), process_index=0, process_count=1)
+        missing = P.DataConfig(dataset="nothing_here", data_dir=str(tiny_corpus))
+        P.make_dataset(missing, process_index=0, process_count=1)
     with pytest.raises(ValueError, match="no split"):
         P.make_dataset(make_cfg(tiny_corpus, split="dev"), process_index=0, process_count=1)

@@ -47,7 +47,10 @@ def test_utterances_are_a_function_of_seed_split_and_index():
 
 
 def test_splits_never_share_a_text():
-    texts = {s: {t for p in synth.prompts_for(s) for t in [p.text] + [u for r, u in p.context if r == "user"]} for s in synth.SPLITS}
+    def user_texts(p):
+        return [p.text] + [t for role, t in p.context if role == "user"]
+
+    texts = {s: {t for p in synth.prompts_for(s) for t in user_texts(p)} for s in synth.SPLITS}
     assert all(len(t) > 50 for t in texts.values())
     assert not texts["train"] & texts["validation"]
     assert not texts["train"] & texts["test"]

@@ -38,29 +38,19 @@ FIXTURE = FIXTURES / "cosyvoice2-flow-tiny"
 MEL = 20  # mel bins of the tiny configs here (the release has 80)
 
 
-def tiny_config(chunk: int = 4, channels: tuple[int, ...] = (16,), heads: int = 3, **kw) -> FlowConfig:
+def tiny_config(chunk: int = 4, channels: tuple[int, ...] = (16,), heads: int = 3, up_blocks: int = 1, **kw) -> FlowConfig:
+    """up_blocks: the release format fixes 4 (the reference hard-codes them); 1 compiles faster."""
     d = 6 * heads
-    encoder = UpsampleEncoderConfig(input_size=d, output_size=d, attention_heads=heads, linear_units=2 * d, num_blocks=1, static_chunk_size=chunk)
+    encoder = UpsampleEncoderConfig(input_size=d, output_size=d, attention_heads=heads, linear_units=2 * d, num_blocks=1, num_up_blocks=up_blocks, static_chunk_size=chunk)
     estimator = EstimatorConfig(in_channels=4 * MEL, out_channels=MEL, channels=channels, attention_head_dim=8, n_blocks=1, num_mid_blocks=1, num_heads=2, static_chunk_size=2 * chunk)
     return FlowConfig(input_size=d, output_size=MEL, spk_embed_dim=12, vocab_size=50, encoder=encoder, estimator=estimator, n_timesteps=3, precision="highest", **kw)
 
 
 def tiny_model(cfg: FlowConfig | None = None, seed: int = 0) -> FlowDecoder:
-    """Random weights everywhere (biases and norms too), so every parameter matters. Built
-    inside one jit: eager initialisation would compile every initializer shape separately."""
+    """Random weights everywhere (biases and norms too), so every parameter matters; loaded
+    through the converter from a host-drawn release-layout state dict."""
     cfg = cfg or tiny_config()
-
-    @nnx.jit
-    def make():
-        model = FlowDecoder(cfg, rngs=nnx.Rngs(seed))
-        state = nnx.state(model, nnx.Param)
-        leaves, treedef = jax.tree.flatten(state)
-        keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-        leaves = [x + 0.2 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-        nnx.update(model, jax.tree.unflatten(treedef, leaves))
-        return model
-
-    return make()
+    return cosyvoice2_flow.load_from_source(cfg, DictSource(cosyvoice2_flow.random_state_dict(cfg, seed)), single_device_mesh())
 
 
 def rows(seed: int, token_lens, prompt_lens, n_tokens: int, n_prompt: int, cfg: FlowConfig) -> dict[str, np.ndarray]:
@@ -78,12 +68,17 @@ def rows(seed: int, token_lens, prompt_lens, n_tokens: int, n_prompt: int, cfg: 
     }
 
 
-@nnx.jit(static_argnames=("streaming", "finalize"))
-def infer(model, batch, noise, streaming=False, finalize=True):
+@nnx.jit
+def _infer(model, batch, noise, streaming, finalize):
     return model.inference(
         batch["token"], batch["token_len"], batch["prompt_token"], batch["prompt_token_len"], batch["prompt_feat"],
         batch["prompt_feat_len"], batch["embedding"], noise=noise, streaming=streaming, finalize=finalize,
     )
+
+
+def infer(model, batch, noise, streaming=False, finalize=True):
+    """The modes are traced flags, so every mode shares one compiled program per shape."""
+    return _infer(model, batch, noise, np.asarray(streaming), np.asarray(finalize))
 
 
 def row(batch: dict, i: int, n_tokens: int, n_prompt: int) -> dict:
@@ -127,7 +122,7 @@ def test_config_comes_from_the_yaml_and_sizes_the_hardcoded_512_layers():
 
 
 def test_yaml_written_by_export_reads_back_to_the_same_config(tmp_path):
-    for cfg in (cosyvoice2_flow.read_config(FIXTURE / "checkpoint"), tiny_config(channels=(16, 24))):
+    for cfg in (cosyvoice2_flow.read_config(FIXTURE / "checkpoint"), tiny_config(channels=(16, 24), up_blocks=4)):
         cfg = dataclasses.replace(cfg, n_timesteps=10, precision=None)
         data = {"flow": cosyvoice2_flow.config_to_yaml(cfg)}
         from hellochat_jax.convert.cosyvoice2_yaml import dump_cosyvoice_yaml
@@ -178,7 +173,7 @@ def test_multi_level_unet_round_trips_through_release_format_and_orbax(tmp_path)
     from hellochat_jax.convert.common import save_orbax
     from hellochat_jax.models import load_checkpoint
 
-    cfg = tiny_config(channels=(16, 24))
+    cfg = tiny_config(channels=(16, 24), up_blocks=4)
     model = tiny_model(cfg)
     cosyvoice2_flow.export(model, cfg, tmp_path / "rel")
     sd = torch.load(tmp_path / "rel" / "flow.pt", weights_only=True)
@@ -211,16 +206,21 @@ def test_refuses_mismatched_checkpoints_by_name():
 # ----------------------------------------------------------------------------- inference
 
 
-@pytest.mark.parametrize("streaming,finalize", [(False, True), (True, True), (True, False)])
+# Inference tests share these shapes (and so their compiled programs): a padded batch of two and
+# single rows of 12 tokens after 2 prompt tokens, with 4-token (8-frame) streaming chunks.
+N_TOKENS, N_PROMPT = 12, 2
+
+
+@pytest.mark.parametrize("streaming,finalize", [(False, True), (True, False)])
 def test_padded_batch_rows_equal_rows_alone(streaming, finalize):
     """Padding (tokens, prompt tokens and prompt mel) changes nothing for the valid frames."""
     cfg = tiny_config()
     model = tiny_model(cfg)
-    token_lens, prompt_lens = [13, 7], [4, 2]
-    batch = rows(0, token_lens, prompt_lens, 13, 4, cfg)
-    noise = np.random.default_rng(1).normal(size=(1, 2 * 17, MEL)).astype(np.float32)
+    token_lens, prompt_lens = [12, 7], [2, 1]
+    batch = rows(0, token_lens, prompt_lens, N_TOKENS, N_PROMPT, cfg)
+    noise = np.random.default_rng(1).normal(size=(1, 2 * (N_TOKENS + N_PROMPT), MEL)).astype(np.float32)
     mel, mel_len = infer(model, batch, noise, streaming=streaming, finalize=finalize)
-    assert mel.shape == (2, 2 * 17 - 8, MEL)
+    assert mel.shape == (2, 2 * N_TOKENS, MEL)
     drop = 0 if finalize else 2 * cfg.pre_lookahead_len
     np.testing.assert_array_equal(mel_len, 2 * np.asarray(token_lens) - drop)
     for i in range(2):
@@ -234,28 +234,32 @@ def test_padded_batch_rows_equal_rows_alone(streaming, finalize):
 def test_streaming_frames_do_not_depend_on_tokens_past_chunk_and_lookahead():
     cfg = tiny_config(chunk=4)
     model = tiny_model(cfg)
-    batch = rows(2, [12], [0], 12, 0, cfg)
-    noise = np.random.default_rng(3).normal(size=(1, 24, MEL)).astype(np.float32)
+    batch = rows(2, [N_TOKENS], [N_PROMPT], N_TOKENS, N_PROMPT, cfg)
+    noise = np.random.default_rng(3).normal(size=(1, 2 * (N_TOKENS + N_PROMPT), MEL)).astype(np.float32)
+    # combined positions >= chunk + look-ahead = 7 are token positions >= 5
     later = {**batch, "token": batch["token"].copy()}
-    later["token"][0, 4 + cfg.pre_lookahead_len :] = (later["token"][0, 4 + cfg.pre_lookahead_len :] + 1) % cfg.vocab_size
+    later["token"][0, 5:] = (later["token"][0, 5:] + 1) % cfg.vocab_size
     stream = [np.asarray(infer(model, b, noise, streaming=True)[0]) for b in (batch, later)]
     full = [np.asarray(infer(model, b, noise, streaming=False)[0]) for b in (batch, later)]
-    np.testing.assert_allclose(stream[0][:, :8], stream[1][:, :8], atol=1e-6)  # first mel chunk (2 x 4 frames)
-    assert np.abs(stream[0][:, 8:] - stream[1][:, 8:]).max() > 1e-3
-    assert np.abs(full[0][:, :8] - full[1][:, :8]).max() > 1e-3  # without chunk masks everything sees everything
+    first = 8 - 2 * N_PROMPT  # output frames inside the first 8-frame mel chunk
+    np.testing.assert_allclose(stream[0][:, :first], stream[1][:, :first], atol=1e-6)
+    assert np.abs(stream[0][:, first:] - stream[1][:, first:]).max() > 1e-3
+    assert np.abs(full[0][:, :first] - full[1][:, :first]).max() > 1e-3  # without chunk masks everything sees everything
 
 
 def test_lookahead_context_gives_the_finalized_frames_of_complete_chunks():
-    """finalize=False on tokens[:n] equals finalize=True on tokens[:n] up to the last complete chunk."""
+    """finalize=False equals finalize=True on the mel of token chunks complete without the context."""
     cfg = tiny_config(chunk=4)
     model = tiny_model(cfg)
-    batch = rows(4, [11], [3], 11, 3, cfg)
-    noise = np.random.default_rng(5).normal(size=(1, 28, MEL)).astype(np.float32)
+    batch = rows(4, [N_TOKENS], [N_PROMPT], N_TOKENS, N_PROMPT, cfg)
+    noise = np.random.default_rng(5).normal(size=(1, 2 * (N_TOKENS + N_PROMPT), MEL)).astype(np.float32)
     ctx, n_ctx = infer(model, batch, noise, streaming=True, finalize=False)
     done, n_done = infer(model, batch, noise, streaming=True, finalize=True)
-    assert int(n_ctx[0]) == int(n_done[0]) - 6
-    complete = (2 * (14 - 3)) // 8 * 8 - 6  # mel frames of complete chunks, after the 6 prompt frames
+    assert int(n_ctx[0]) == int(n_done[0]) - 2 * cfg.pre_lookahead_len
+    encoded = N_TOKENS + N_PROMPT - cfg.pre_lookahead_len  # 11 tokens: 2 complete chunks of 4
+    complete = 2 * (encoded // 4 * 4) - 2 * N_PROMPT
     np.testing.assert_allclose(ctx[0, :complete], done[0, :complete], atol=1e-5)
+    assert np.abs(np.asarray(ctx[0, complete : int(n_ctx[0])] - done[0, complete : int(n_ctx[0])])).max() > 1e-4
 
 
 def test_key_noise_is_seeded_and_shapes_follow_the_inputs():
@@ -276,10 +280,13 @@ def test_bad_inference_inputs_are_refused():
     cfg = tiny_config()
     model = tiny_model(cfg)
     batch = rows(0, [5], [2], 5, 2, cfg)
-    with pytest.raises(ValueError, match="noise"):
-        infer(model, batch, np.zeros((1, 10, MEL), np.float32))  # 14 frames needed
+    args = [batch[n] for n in ("token", "token_len", "prompt_token", "prompt_token_len", "prompt_feat", "prompt_feat_len", "embedding")]
+    with pytest.raises(ValueError, match="noise must be"):
+        model.inference(*args, noise=np.zeros((1, 10, MEL), np.float32))  # 14 frames needed
     with pytest.raises(ValueError, match="noise=... or key"):
-        model.inference(*(batch[n] for n in ("token", "token_len", "prompt_token", "prompt_token_len", "prompt_feat", "prompt_feat_len", "embedding")))
+        model.inference(*args)
+    with pytest.raises(ValueError, match="more than the"):
+        model.inference(*args[:4], np.zeros((1, 20, MEL), np.float32), args[5], args[6], key=jax.random.key(0))
     with pytest.raises(ValueError, match="inconsistent flow config"):
         dataclasses.replace(cfg, output_size=MEL + 1)
 
@@ -290,8 +297,8 @@ def test_bad_inference_inputs_are_refused():
 def test_sharded_equals_unsharded():
     cfg = tiny_config(heads=2)
     model = tiny_model(cfg)
-    batch = rows(7, [10, 6, 9, 4], [2, 3, 0, 1], 10, 3, cfg)
-    noise = np.random.default_rng(8).normal(size=(4, 26, MEL)).astype(np.float32)
+    batch = rows(7, [12, 6, 9, 4], [2, 1, 0, 1], N_TOKENS, N_PROMPT, cfg)
+    noise = np.random.default_rng(8).normal(size=(4, 2 * (N_TOKENS + N_PROMPT), MEL)).astype(np.float32)
     loss_batch = loss_inputs(9, [8, 5, 8, 3], cfg)
     draws = draw_loss_randomness(jax.random.key(3), 2 * loss_batch["speech_token_len"], 16, cfg)
     outs = []

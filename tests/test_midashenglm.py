@@ -22,7 +22,7 @@ from hellochat_jax.convert.common import CheckpointError, SafetensorsSource
 from hellochat_jax.midashenglm_testing import make_tiny_midashenglm, tiny_config, write_random
 from hellochat_jax.nn import midashenglm
 from hellochat_jax.nn.adapter import AudioAdapter
-from hellochat_jax.nn.midashenglm import MiDashengLM, check_placeholders, splice_audio
+from hellochat_jax.nn.midashenglm import check_placeholders, splice_audio
 from hellochat_jax.processor import AUDIO_BOS, AUDIO_EOS, MiDashengLMProcessor, user_turn
 from hellochat_jax.verify import run_case
 

@@ -193,7 +193,40 @@ class Trainer:
 
         with jax.set_mesh(self.mesh), shd.use_rules(self.rules):
             state = jax.jit(init, out_shardings=self.state_shardings)()
+            state = self._init_mel_statistics(state)
         return self._init_from_checkpoints(state)
+
+    def _init_mel_statistics(self, state):
+        """An encoder trained from scratch gets its mel BatchNorm statistics (which it never
+        updates: they are stored statistics, as in the release) from the first batch of the
+        data, so that its inputs are normalised. Computed on the global batch: every process
+        gets the same numbers."""
+        model = self.cfg.model
+        if model.encoder is None or "encoder" in model.init_from or "audio" not in self.batch_spec:
+            return state
+        from hellochat_jax.nn import dasheng
+
+        enc_cfg = self.model(state).encoder.cfg
+        iterator = self.data.iterator()  # a fresh one: the training stream is untouched
+        batch = self.batch([next(iterator) for _ in range(self.cfg.optim.grad_accum)])
+
+        def statistics(audio, lengths):
+            audio = audio.reshape(-1, audio.shape[-1])
+            lengths = lengths.reshape(-1)
+            mel = dasheng.log_mel(audio, enc_cfg)  # [N, frames, mels]
+            frames = 1 + lengths // enc_cfg.hop_size
+            valid = ((jnp.arange(mel.shape[1])[None, :] < frames[:, None]) & (lengths[:, None] > 0))[..., None]
+            count = jnp.maximum(jnp.sum(valid), 1)
+            mean = jnp.sum(jnp.where(valid, mel, 0.0), axis=(0, 1)) / count
+            var = jnp.sum(jnp.where(valid, jnp.square(mel - mean), 0.0), axis=(0, 1)) / count
+            return mean, var
+
+        mean, var = jax.jit(statistics)(batch["audio"], batch["audio_lengths"])
+        bn = state["rest"]["encoder"]["init_bn"]
+        for name, value in (("mean", mean), ("var", var)):
+            old = bn[name].get_value()
+            bn[name].set_value(jax.device_put(value.astype(old.dtype), old.sharding))
+        return state
 
     def _init_from_checkpoints(self, state):
         if not self.cfg.model.init_from:

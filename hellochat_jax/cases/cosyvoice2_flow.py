@@ -17,8 +17,9 @@ from hellochat_jax.convert import cosyvoice2_flow
 from hellochat_jax.nn.flow import FlowDecoder, FlowLossDraws, flow_matching_loss
 
 
-@nnx.jit(static_argnames=("streaming", "finalize"))
-def _inference(model: FlowDecoder, inputs: dict, noise, *, streaming: bool, finalize: bool):
+@nnx.jit
+def _inference(model: FlowDecoder, inputs: dict, noise, streaming, finalize):
+    # streaming / finalize are traced: one compiled program serves the three fixture modes
     return model.inference(
         inputs["token"], inputs["token_len"], inputs["prompt_token"], inputs["prompt_token_len"],
         inputs["prompt_feat"], inputs["prompt_feat_len"], inputs["embedding"],
@@ -26,25 +27,26 @@ def _inference(model: FlowDecoder, inputs: dict, noise, *, streaming: bool, fina
     )
 
 
-@nnx.jit(static_argnames=("streaming",))
-def _intermediates(model: FlowDecoder, inputs: dict, noise, *, streaming: bool):
-    """spk_cond, encoder_out, mu and the first estimator call of the non-streaming inference."""
+@nnx.jit
+def _encode(model: FlowDecoder, inputs: dict, streaming):
+    """spk_cond, encoder_out and mu of the concatenated prompt + tokens."""
     tokens = jnp.concatenate([inputs["prompt_token"], inputs["token"]], axis=1)
     lengths = inputs["prompt_token_len"] + inputs["token_len"]
     spks = model.speaker_condition(inputs["embedding"])
-    x = model.input_embedding(tokens)
-    encoder_out, _ = model.encoder(x, lengths, streaming=streaming)
-    mu = model.encoder_proj(encoder_out)
+    encoder_out, _ = model.encoder(model.input_embedding(tokens), lengths, streaming=streaming)
+    return spks, encoder_out, model.encoder_proj(encoder_out)
+
+
+@nnx.jit
+def _first_estimate(model: FlowDecoder, spks, mu, prompt_feat, noise):
+    """The estimator's first call (t = 0, x = noise) on [conditional; unconditional] rows."""
     n_mel = mu.shape[1]
-    prompt = inputs["prompt_feat"]
-    cond = jnp.pad(prompt, ((0, 0), (0, n_mel - prompt.shape[1]), (0, 0)))
+    cond = jnp.pad(prompt_feat, ((0, 0), (0, n_mel - prompt_feat.shape[1]), (0, 0)))
     x0 = noise[:, :n_mel]
-    mask = jnp.ones((2, n_mel), jnp.float32)
-    v = model.estimator(
-        jnp.concatenate([x0, x0]), mask, jnp.concatenate([mu, jnp.zeros_like(mu)]), jnp.zeros((2,), jnp.float32),
-        jnp.concatenate([spks, jnp.zeros_like(spks)]), jnp.concatenate([cond, jnp.zeros_like(cond)]), streaming=streaming,
+    return model.estimator(
+        jnp.concatenate([x0, x0]), jnp.ones((2, n_mel), jnp.float32), jnp.concatenate([mu, jnp.zeros_like(mu)]),
+        jnp.zeros((2,), jnp.float32), jnp.concatenate([spks, jnp.zeros_like(spks)]), jnp.concatenate([cond, jnp.zeros_like(cond)]),
     )
-    return spks, encoder_out, mu, v
 
 
 @nnx.jit
@@ -62,13 +64,14 @@ def run(case, mesh, rules) -> dict[str, np.ndarray]:
     noise = shd.put_batch(np.ascontiguousarray(i["noise"].transpose(0, 2, 1)), mesh, rules)
 
     out: dict[str, np.ndarray] = {}
-    spks, encoder_out, mu, v0 = _intermediates(model, inputs, noise, streaming=False)
-    out["spk_cond"], out["encoder_out"], out["mu"] = spks, encoder_out, mu
+    flag = lambda value: shd.put_batch(np.asarray(value), mesh, rules)  # noqa: E731
+    out["spk_cond"], out["encoder_out"], out["mu"] = _encode(model, inputs, flag(False))
+    out["mu_stream"] = _encode(model, inputs, flag(True))[2]
+    v0 = _first_estimate(model, out["spk_cond"], out["mu"], inputs["prompt_feat"], noise)
     out["est_step0"] = np.asarray(v0).transpose(0, 2, 1)
-    out["mu_stream"] = _intermediates(model, inputs, noise, streaming=True)[2]
 
     for name, streaming, finalize in (("mel", False, True), ("mel_stream", True, True), ("mel_stream_ctx", True, False)):
-        mel, mel_len = _inference(model, inputs, noise, streaming=streaming, finalize=finalize)
+        mel, mel_len = _inference(model, inputs, noise, flag(streaming), flag(finalize))
         n = int(np.asarray(mel_len)[0])
         out[name] = np.asarray(mel)[:, :n].transpose(0, 2, 1)
 

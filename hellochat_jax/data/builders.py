@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import multiprocessing
 import os
 import sys
@@ -166,21 +165,10 @@ _TEXT_FIELDS = ("transcript", "emotion", "caption", "voice", "kind", "reply", "i
 
 
 def load_audio(path: str | Path) -> np.ndarray:
-    """Any file soundfile reads -> mono float32 at 16 kHz.
-    (Kept here until hellochat_jax/audio.py provides the shared loader.)"""
-    import soundfile as sf
-    from scipy import signal
+    """Any file soundfile reads -> validated mono float32 at 16 kHz (hellochat_jax.audio)."""
+    from hellochat_jax import audio
 
-    wav, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    wav = wav.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        g = math.gcd(int(rate), SAMPLE_RATE)
-        wav = signal.resample_poly(wav, SAMPLE_RATE // g, int(rate) // g).astype(np.float32)
-    if wav.size == 0:
-        raise ValueError("no samples")
-    if not np.all(np.isfinite(wav)):
-        raise ValueError("non-finite samples")
-    return wav
+    return audio.load(path)
 
 
 def read_manifest(path: str | Path) -> tuple[list[ManifestEntry], list[str]]:

@@ -26,11 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m = kinds.add_parser("manifest", help="your audio files, described by a JSONL manifest")
     m.add_argument("--manifest", required=True, help="JSONL file (see builders.read_manifest)")
     m.add_argument("--name", default=None, help="dataset config name (default: the manifest's file name)")
-    m.add_argument("--skip_bad", action="store_true", help="leave out (and list) lines with problems instead of failing")
+    m.add_argument("--skip_bad", action="store_true", help="leave out (and list) bad lines instead of failing")
 
     for p in (s, m):
-        p.add_argument("--data_dir", default=None, help="TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
-        p.add_argument("--vocab_size", type=int, default=1024, help="BPE vocabulary of the tokenizer trained on the text")
+        p.add_argument("--data_dir", default=None, help="default: $TFDS_DATA_DIR or ~/tensorflow_datasets")
+        p.add_argument("--vocab_size", type=int, default=1024, help="vocabulary of the BPE trained on the text")
         p.add_argument("--overwrite", action="store_true", help="rebuild even if already built")
 
 
@@ -85,7 +85,8 @@ def build_synth(config, data_dir: str | None = None, *, workers: int | None = No
     """Builds the synthetic corpus (a `builders.SynthConfig`) and its tokenizer; returns the builder."""
     from hellochat_jax.data import builders, synth
 
-    builder = builders.HellochatSynth(config=config, data_dir=data_dir or builders.DEFAULT_DATA_DIR, num_workers=workers)
+    data_dir = data_dir or builders.DEFAULT_DATA_DIR
+    builder = builders.HellochatSynth(config=config, data_dir=data_dir, num_workers=workers)
     builder.download_and_prepare(download_config=_mode(overwrite))
     tokenizer_dir = Path(builder.data_dir) / "tokenizer"
     if overwrite or not (tokenizer_dir / "tokenizer.json").is_file():

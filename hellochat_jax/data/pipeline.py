@@ -7,7 +7,8 @@
       -> task sampling from the mixture, modality interleaving, chat template + loss masks
       -> skip `Skipped` elements, counting them into the next sample
       -> first-fit packing into rows of fixed shape -> batch (the last one padded) -> finalize
-      -> multiprocess prefetch (`DataConfig.workers` processes, each packing its own slice)
+      -> multiprocess prefetch (`DataConfig.workers` processes, each packing its own slice), or
+         with workers = 0 a background thread making `prefetch_batches` batches ahead
 
 Every random choice comes from grain's per-element generator, seeded by `DataConfig.seed` and
 the element's index, so the same config gives the same batches; the iterator state is
@@ -61,24 +62,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
 import grain
 import numpy as np
 
+from hellochat_jax.audio import num_audio_tokens  # the placeholder count, shared with the model
 from hellochat_jax.data import builders
 from hellochat_jax.data.tokenizer import AudioPart, ChatTokens, Message, load_tokenizer
-
-try:  # the audio front end owns the rule; the same formula is kept here until it exists
-    from hellochat_jax.audio import num_audio_tokens
-except ImportError:
-
-    def num_audio_tokens(num_samples: int) -> int:
-        """<|AUDIO|> placeholders for a 16 kHz clip (MiDashengLM: 100 mel frames/s, Dasheng
-        patches of 4 frames, 5 patches per adapter output)."""
-        return ((1 + num_samples // 160) // 4) // 5
-
 
 SAMPLE_RATE = 16000
 TASKS = ("asr", "emotion", "events", "caption", "qa", "tts")
@@ -129,9 +122,10 @@ class DataConfig:
     speech_text_len: int = 64
     speech_token_len: int = 256  # 25 Hz speech tokens: ~10 s
     max_speech_seconds: float = 8.0
-    read_threads: int = 1  # threads per process for the per-record stages
+    read_threads: int = 2  # threads per process for the per-record stages (decode, tokenize)
     workers: int = 0  # prefetch processes; 0 = everything in the calling process
     worker_buffer_size: int = 2
+    prefetch_batches: int = 2  # with workers = 0: batches made ahead in a background thread
 
     def __post_init__(self):
         if not 0.0 <= self.audio_to_text_p <= 1.0 or not 0.0 <= self.text_to_audio_q <= 1.0:
@@ -233,6 +227,11 @@ def _text(x: Any) -> str:
 
 def _pcm(x: Any) -> np.ndarray:
     return np.asarray(x, np.int16).astype(np.float32) / 32768.0
+
+
+def _pcm16(x: np.ndarray) -> np.ndarray:
+    """Back to int16: exact for samples that came from int16 (scaling by 2^15 is exact)."""
+    return np.clip(np.round(x * 32768.0), -32768, 32767).astype(np.int16)
 
 
 def decode(record: Any) -> Example | Skipped:
@@ -346,8 +345,17 @@ def build_messages(
     ]
 
 
-@functools.lru_cache(maxsize=4)
+_CHAT_LOCK = threading.Lock()
+
+
 def _chat_tokens(path: str) -> ChatTokens:
+    # Read threads start together: loading (and importing transformers) must happen once.
+    with _CHAT_LOCK:
+        return _load_chat_tokens(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_chat_tokens(path: str) -> ChatTokens:
     return ChatTokens(load_tokenizer(path))
 
 
@@ -388,12 +396,13 @@ class MakeSample(grain.transforms.RandomMap):
             "targets": np.append(ids[1:], chat.pad).astype(np.int32),
             "loss_mask": np.append(assistant[1:], 0).astype(np.int32),
             "task_id": np.full(len(ids), TASK_IDS[task], np.int32),
-            "audio": np.zeros((len(enc.clips), cfg.max_audio_samples), np.float32),
+            # int16 until the batch is finished: packing and batching move half the bytes
+            "audio": np.zeros((len(enc.clips), cfg.max_audio_samples), np.int16),
             "audio_lengths": np.asarray([len(c) for c in enc.clips], np.int32),
             "counters": np.asarray([[counts[c] for c in COUNTERS]], np.int32),
         }
         for i, clip in enumerate(enc.clips):
-            sample["audio"][i, : len(clip)] = clip[: cfg.max_audio_samples]
+            sample["audio"][i, : len(clip)] = _pcm16(clip[: cfg.max_audio_samples])
         if cfg.talker:
             sample.update(self._talker(ex, task, chat, too_long))
         if too_long:
@@ -406,7 +415,7 @@ class MakeSample(grain.transforms.RandomMap):
             return {
                 "speech_text": np.zeros(0, np.int32),
                 "speech_tokens": np.zeros(0, np.int32),
-                "speech_audio": np.zeros((0, cfg.max_speech_samples), np.float32),
+                "speech_audio": np.zeros((0, cfg.max_speech_samples), np.int16),
                 "speech_audio_lengths": np.zeros(0, np.int32),
             }
         if ex.reply and ex.reply_audio.size:
@@ -420,8 +429,8 @@ class MakeSample(grain.transforms.RandomMap):
             too_long.append(f"{len(tokens)} speech tokens > speech_token_len {cfg.speech_token_len}")
         if len(audio) > cfg.max_speech_samples:
             too_long.append(f"speech audio longer than max_speech_seconds {cfg.max_speech_seconds}")
-        padded = np.zeros((1, cfg.max_speech_samples), np.float32)
-        padded[0, : min(len(audio), cfg.max_speech_samples)] = audio[: cfg.max_speech_samples]
+        padded = np.zeros((1, cfg.max_speech_samples), np.int16)
+        padded[0, : min(len(audio), cfg.max_speech_samples)] = _pcm16(audio[: cfg.max_speech_samples])
         return {
             "speech_text": text_ids,
             "speech_tokens": np.asarray(tokens, np.int32),
@@ -478,12 +487,12 @@ def _empty_sample(cfg: DataConfig) -> dict[str, np.ndarray]:
     z = np.zeros(0, np.int32)
     out = {
         "input_ids": z, "targets": z, "loss_mask": z, "task_id": z,
-        "audio": np.zeros((0, cfg.max_audio_samples), np.float32), "audio_lengths": z,
+        "audio": np.zeros((0, cfg.max_audio_samples), np.int16), "audio_lengths": z,
         "counters": np.zeros((1, len(COUNTERS)), np.int32),
     }  # fmt: skip
     if cfg.talker:
         out.update(
-            speech_text=z, speech_tokens=z, speech_audio=np.zeros((0, cfg.max_speech_samples), np.float32),
+            speech_text=z, speech_tokens=z, speech_audio=np.zeros((0, cfg.max_speech_samples), np.int16),
             speech_audio_lengths=z,
         )  # fmt: skip
     return out
@@ -509,7 +518,7 @@ class Finalize(grain.transforms.Map):
             "segment_ids": segment_ids,
             "positions": b["input_ids_positions"].astype(np.int32),
             "task_id": np.where(padding, 0, b["task_id"]).astype(np.int32),
-            "audio": b["audio"].astype(np.float32),
+            "audio": b["audio"].astype(np.float32) / 32768.0,
             "audio_lengths": b["audio_lengths"].astype(np.int32),
         }
         counters = b["counters"].sum(axis=1)  # [B, max_segments, C] -> [B, C]
@@ -521,7 +530,7 @@ class Finalize(grain.transforms.Map):
             out["speech_text_lengths"] = (text_seg > 0).sum(axis=1).astype(np.int32)
             out["speech_tokens"] = np.where(b["speech_tokens_segment_ids"] == 0, 0, b["speech_tokens"]).astype(np.int32)
             out["speech_token_lengths"] = (b["speech_tokens_segment_ids"] > 0).sum(axis=1).astype(np.int32)
-            out["speech_audio"] = b["speech_audio"][:, 0].astype(np.float32)
+            out["speech_audio"] = b["speech_audio"][:, 0].astype(np.float32) / 32768.0
             out["speech_audio_lengths"] = b["speech_audio_lengths"][:, 0].astype(np.int32)
             out["speech_segment"] = b["speech_audio_segment_ids"][:, 0].astype(np.int32)
         return out
@@ -599,6 +608,9 @@ def make_dataset(cfg: DataConfig, **kwargs: Any) -> grain.IterDataset:
         _absl_flags_parsed()
         options = grain.MultiprocessingOptions(num_workers=cfg.workers, per_worker_buffer_size=cfg.worker_buffer_size)
         it = it.mp_prefetch(options)
+    elif cfg.prefetch_batches > 0:
+        # Packing and batching run in a background thread, not in the training loop's next().
+        it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=cfg.prefetch_batches)
     return it
 
 

@@ -1,6 +1,6 @@
 """The embedded speech corpus, made offline: espeak-ng (through ctypes, in a helper process:
-see espeak_server.py) speaks template texts with emotion prosody, procedural background sounds are mixed in at random SNRs, and every
-utterance gets a caption.
+see espeak_server.py) speaks template texts with emotion prosody, procedural background sounds
+are mixed in at random SNRs, and every utterance gets a caption.
 
 Everything is a pure function of (seed, split, index), so a corpus is reproducible and the
 records of a split can be made in any order by any number of processes.
@@ -218,8 +218,10 @@ _DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
 _MONTHS = "January February March April May June July August September October November December".split()
 _PLACES = "park, market, library, beach, station, museum, bakery, gym, office, garden, river, zoo".split(", ")
 _TIMES = "this morning, last night, yesterday, today, on Sunday, after lunch, before work".split(", ")
-_PAST = {"went to": "How was the {p}?", "walked to": "Was it a nice walk to the {p}?",
-         "cycled to": "Cycling is great. Was the {p} busy?", "drove to": "Was there much traffic to the {p}?"}  # fmt: skip
+_PAST = {
+    "went to": "How was the {p}?", "walked to": "Was it a nice walk to the {p}?",
+    "cycled to": "Cycling is great. Was the {p} busy?", "drove to": "Was there much traffic to the {p}?",
+}  # fmt: skip
 _FEELINGS = {
     "I finally finished my project": "Congratulations, that is a great achievement.",
     "I lost my keys again": "I am sorry. Did you check your coat pockets?",
@@ -275,7 +277,8 @@ def all_prompts() -> list[Prompt]:
         out.append(Prompt("request", f"Please {action} the {device} in the {room}.",
                           f"Okay, {doing} the {device} in the {room}."))  # fmt: skip
     for n in range(1, 21):
-        out.append(Prompt("request", f"Set a timer for {_NUMBERS[n]} minutes.", f"A {_NUMBERS[n]} minute timer is running."))
+        minutes = _NUMBERS[n]
+        out.append(Prompt("request", f"Set a timer for {minutes} minutes.", f"A {minutes} minute timer is running."))
     for task, clock in itertools.product(_TASKS, _CLOCK):
         at = "at noon" if clock == "noon" else f"at {clock}"
         out.append(Prompt("request", f"Remind me to {task} {at}.", f"I will remind you to {task} {at}."))
@@ -427,7 +430,8 @@ def caption(voice: str, emotion: str, prosody: Prosody, events: list[tuple[str, 
     loud = " and softly" if prosody.volume < 85 else " and loudly" if prosody.volume > 145 else ""
     pitch = "low" if prosody.pitch < 40 else "high" if prosody.pitch > 62 else "medium-pitched"
     shape = "flat" if prosody.pitch_range < 30 else "lively" if prosody.pitch_range > 70 else "steady"
-    text = f"{describe_voice(voice)} speaks {pace}{loud} in a {pitch}, {shape} voice, sounding {_EMOTION_WORDS[emotion]}."
+    feeling = _EMOTION_WORDS[emotion]
+    text = f"{describe_voice(voice)} speaks {pace}{loud} in a {pitch}, {shape} voice, sounding {feeling}."
     if not events:
         return text + " The background is quiet."
     phrases = []

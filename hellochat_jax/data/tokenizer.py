@@ -73,6 +73,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
     )
     # The chat scaffolding is part of every sample, so it should be cheap to encode.
     scaffolding = ["system\n", "user\n", "assistant\n", "You are a helpful assistant."] * 100
+    scaffolding += ["You are a helpful language and speech assistant."] * 100  # processor.DEFAULT_SYSTEM
     tok.train_from_iterator(sorted(set(texts)) + scaffolding, trainer=trainer)  # sorted: same corpus -> same file
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,

@@ -453,7 +453,7 @@ class FlowDecoder(nnx.Module):
         noise: jax.Array | None = None,
         key: jax.Array | None = None,
         streaming: Streaming = False,
-        finalize: bool = True,
+        finalize: bool | jax.Array = True,
         n_timesteps: int | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Mel for ``token`` in the voice of the prompt (CausalMaskedDiffWithXvec.inference, batched).
@@ -464,16 +464,25 @@ class FlowDecoder(nnx.Module):
         Noise: ``noise`` [B or 1, >= 2 (P + N), 80] (its first frames are used, as the
         reference uses its fixed buffer), else drawn from ``key``.
         ``finalize=False`` (streaming): the last pre_lookahead_len tokens of each row are only
-        look-ahead context and produce no mel yet.
+        look-ahead context and produce no mel yet. ``streaming`` and ``finalize`` may be traced
+        booleans, so one compiled program serves every mode.
 
         Returns (mel [B, 2 (P + N) - F, 80], mel_len [B]): row b's new frames start at 0 and
         frames from mel_len[b] on are zero.
         """
         cfg = self.cfg
+        if noise is None and key is None:
+            raise ValueError("inference needs the start noise: pass noise=... or key=...")
         b, n_prompt = prompt_token.shape
         if token.ndim != 2 or token.shape[0] != b:
             raise ValueError(f"token must be [batch, tokens] with the prompt's batch {b}, got {token.shape}")
         n_total = n_prompt + token.shape[1]
+        n_mel = cfg.token_mel_ratio * n_total
+        n_feat = prompt_feat.shape[1]
+        if n_feat > n_mel:
+            raise ValueError(f"prompt_feat has {n_feat} frames, more than the {n_mel} mel frames of prompt + tokens")
+        if noise is not None and (noise.ndim != 3 or noise.shape[1] < n_mel or noise.shape[2] != cfg.output_size or noise.shape[0] not in (1, b)):
+            raise ValueError(f"noise must be [{b} or 1, >= {n_mel}, {cfg.output_size}], got {noise.shape}")
         total = (prompt_token_len + token_len).astype(jnp.int32)
         if n_prompt:
             pos = jnp.arange(n_total)[None, :]
@@ -487,26 +496,18 @@ class FlowDecoder(nnx.Module):
             )
         else:
             tokens = token
-        lengths = total if finalize else jnp.maximum(total - cfg.pre_lookahead_len, 0)
+        lengths = jnp.where(finalize, total, jnp.maximum(total - cfg.pre_lookahead_len, 0))
         spks = self.speaker_condition(embedding)
         mu, mel_lengths = self.encode(tokens, lengths, streaming=streaming, lookahead_lengths=total)
-        n_mel = mu.shape[1]
         frames = jnp.arange(n_mel)[None, :]
         mask = (frames < mel_lengths[:, None]).astype(mu.dtype)
 
-        n_feat = prompt_feat.shape[1]
-        if n_feat > n_mel:
-            raise ValueError(f"prompt_feat has {n_feat} frames, more than the {n_mel} mel frames of prompt + tokens")
         feat_valid = (jnp.arange(n_feat)[None, :] < prompt_feat_len[:, None])[..., None]
         cond = jnp.pad(prompt_feat * feat_valid, ((0, 0), (0, n_mel - n_feat), (0, 0))).astype(mu.dtype)
 
         if noise is None:
-            if key is None:
-                raise ValueError("inference needs the start noise: pass noise=... or key=...")
             noise = jax.random.normal(key, (b, n_mel, cfg.output_size), jnp.float32)
         else:
-            if noise.ndim != 3 or noise.shape[1] < n_mel or noise.shape[2] != cfg.output_size or noise.shape[0] not in (1, b):
-                raise ValueError(f"noise must be [{b} or 1, >= {n_mel}, {cfg.output_size}], got {noise.shape}")
             noise = jnp.broadcast_to(noise[:, :n_mel], (b, n_mel, cfg.output_size))
         mel = self.solve(noise, mu, mask, spks, cond, streaming=streaming, n_timesteps=n_timesteps)
 

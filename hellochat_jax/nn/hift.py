@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -220,6 +220,7 @@ def sin_cos(z: jax.Array) -> tuple[jax.Array, jax.Array]:
     of pi/2 with a three-part Cody-Waite constant, then minimax polynomials on |r| <= pi/4.
     """
     f32 = np.float32
+    dtype = z.dtype
     z = z.astype(jnp.float32)
     quadrant = jnp.round(z * f32(2 / np.pi))
     r = ((z - quadrant * f32(1.5703125)) - quadrant * f32(4.837512969970703125e-4)) - quadrant * f32(7.549789948768648e-8)
@@ -229,7 +230,7 @@ def sin_cos(z: jax.Array) -> tuple[jax.Array, jax.Array]:
     q = quadrant.astype(jnp.int32) & 3
     sin = jnp.where(q == 0, sin_r, jnp.where(q == 1, cos_r, jnp.where(q == 2, -sin_r, -cos_r)))
     cos = jnp.where(q == 0, cos_r, jnp.where(q == 1, -sin_r, jnp.where(q == 2, -cos_r, sin_r)))
-    return sin, cos
+    return sin.astype(dtype), cos.astype(dtype)
 
 
 def standard_normal(key: jax.Array, shape: Sequence[int]) -> jax.Array:
@@ -276,6 +277,8 @@ class WeightNormConv1d(nnx.Module):
         self.dtype, self.precision = dtype, precision
 
     def kernel(self) -> jax.Array:
+        if self.g is None:  # folded (HiFTVocoder.fold_weight_norm): v holds W
+            return self.v[...]
         v = self.v[...].astype(jnp.float32)
         norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 1)))
         return v * (self.g[...].astype(jnp.float32) / norm)
@@ -301,6 +304,8 @@ class WeightNormConvTranspose1d(nnx.Module):
         self.dtype, self.precision = dtype, precision
 
     def kernel(self) -> jax.Array:
+        if self.g is None:  # folded (HiFTVocoder.fold_weight_norm): v holds W
+            return self.v[...]
         v = self.v[...].astype(jnp.float32)
         norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 2)))
         return v * (self.g[...].astype(jnp.float32) / norm)[None, :, None]
@@ -348,13 +353,16 @@ class ResBlock(nnx.Module):
 
 
 class F0Predictor(nnx.Module):
-    """ConvRNNF0Predictor: 5 x [Conv1d(k=3, 'same') -> ELU], then |Linear(., 1)| per frame (Hz)."""
+    """ConvRNNF0Predictor: 5 x [Conv1d(k=3, 'same') -> ELU], then |Linear(., 1)| per frame (Hz).
+
+    Always float32 at full matmul precision: the sine phase integrates f0 over the whole
+    utterance, so f0 errors grow into phase drift (and it is ~1% of the vocoder's work)."""
 
     def __init__(self, cfg: HiFTConfig, *, rngs: nnx.Rngs):
-        conv = dict(param_dtype=as_dtype(cfg.param_dtype), dtype=jnp.float32, precision=as_precision(cfg.precision), rngs=rngs)
+        conv = dict(param_dtype=as_dtype(cfg.param_dtype), dtype=jnp.float32, precision=jax.lax.Precision.HIGHEST, rngs=rngs)
         widths = [cfg.in_channels] + [cfg.f0_cond_channels] * 5
         self.convs = nnx.List([WeightNormConv1d(cin, cout, 3, padding=1, **conv) for cin, cout in zip(widths[:-1], widths[1:])])
-        self.classifier = Linear(cfg.f0_cond_channels, 1, names=("audio_embed", None), param_dtype=as_dtype(cfg.param_dtype), precision=cfg.precision, rngs=rngs)
+        self.classifier = Linear(cfg.f0_cond_channels, 1, names=("audio_embed", None), param_dtype=as_dtype(cfg.param_dtype), precision="highest", rngs=rngs)
 
     def __call__(self, mel: jax.Array) -> jax.Array:
         """mel [B, n_mels, T] -> f0 [B, T] in Hz (float32)."""
@@ -370,7 +378,7 @@ class HarmonicSource(nnx.Module):
 
     def __init__(self, cfg: HiFTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.l_linear = Linear(cfg.harmonics, 1, names=(None, None), param_dtype=as_dtype(cfg.param_dtype), precision=cfg.precision, rngs=rngs)
+        self.l_linear = Linear(cfg.harmonics, 1, names=(None, None), param_dtype=as_dtype(cfg.param_dtype), precision="highest", rngs=rngs)
 
     def __call__(self, f0: jax.Array, noise: jax.Array) -> jax.Array:
         """f0 [B, T] Hz, noise [B, T * samples_per_frame, harmonics] ~ N(0, 1) -> source [B, L]."""
@@ -514,6 +522,22 @@ class HiFTVocoder(nnx.Module):
             for k, ds in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes)
         ])
         self.conv_post = WeightNormConv1d(cfg.stage_channels(len(cfg.upsample_rates) - 1), spec_channels, 7, padding=3, **conv)
+
+    def fold_weight_norm(self) -> "HiFTVocoder":
+        """An inference copy with every kernel W = g * v / ||v|| computed once (g dropped, v
+        holding W), so calls skip the fold. It cannot be exported to hift.pt (g and v are gone)
+        or fine-tuned in the weight-norm parametrisation; keep the original for that."""
+        folded = nnx.clone(self)
+        convs = [m for _, m in nnx.iter_graph(folded) if isinstance(m, (WeightNormConv1d, WeightNormConvTranspose1d))]
+        for conv in convs:
+            if conv.g is not None:
+                conv.v = nnx.Param(conv.kernel().astype(conv.v.dtype), out_sharding=KERNEL)
+                conv.g = None
+        return folded
+
+    @property
+    def is_folded(self) -> bool:
+        return any(isinstance(m, (WeightNormConv1d, WeightNormConvTranspose1d)) and m.g is None for _, m in nnx.iter_graph(self))
 
     # -- the three parts, usable on their own (tests feed recorded intermediates)
 

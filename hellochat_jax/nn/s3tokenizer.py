@@ -315,9 +315,7 @@ def _valid(lengths: jax.Array, t: int) -> jax.Array:
 # ----------------------------------------------------------------------------- host entry
 
 
-@nnx.jit
-def _mel(waveforms, lengths):
-    return log_mel_128(waveforms, lengths)
+_mel = jax.jit(log_mel_128)
 
 
 @nnx.jit

@@ -1,0 +1,56 @@
+"""The trainer on the real data pipeline: the tiny synthetic corpus, the audio encoder path,
+per-task losses, skipped-record counts and the held-out evaluation (WER/CER, emotion
+accuracy, event F1 from greedy decoding)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hellochat_jax.config import ConfigError, from_dict
+from hellochat_jax.train import config as train_config
+from hellochat_jax.train.metrics import read_jsonl
+from hellochat_jax.train.trainer import Trainer
+
+from data_corpus import tiny_corpus  # noqa: F401  (session fixture)
+from train_util import tiny_config
+
+
+def corpus_config(tmp_path, corpus_dir, **model):
+    return tiny_config(
+        tmp_path / "run", steps=2,
+        model={
+            "thinker": dict(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True),
+            "audio_token_id": 4, "encoder": {"preset": "tiny", "depth": 1, "target_length": 448}, "adapter": {},
+            **model,
+        },
+        data={"source": "corpus", "batch_size": 8, "seq_len": 128,
+              "corpus": {"dataset": str(corpus_dir), "max_clips": 2, "max_audio_seconds": 4.5}},
+        eval={"every": 0, "at_end": True, "num_examples": 4, "batch_size": 4, "max_new_tokens": 4},
+        checkpoint={"every": 0},
+    )
+
+
+def test_trains_on_the_corpus_and_evaluates(tmp_path, tiny_corpus):  # noqa: F811
+    cfg = from_dict(train_config.TrainConfig, corpus_config(tmp_path, tiny_corpus))
+    assert Trainer(cfg).fit() == 0
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    assert any(k.startswith("loss/") and k != "loss/none" for k in train[-1])
+    assert "skipped_records" in train[-1]
+    final = records[-1]
+    for key in ("eval/wer", "eval/cer", "eval/emotion_accuracy", "eval/events_f1",
+                "eval/emotion_accuracy_chance", "eval/events_f1_chance"):
+        assert key in final, key
+    assert 0 <= final["eval/emotion_accuracy"] <= 1 and 0 <= final["eval/events_f1"] <= 1
+
+
+def test_tokenizer_and_model_must_agree(tmp_path, tiny_corpus):  # noqa: F811
+    raw = corpus_config(tmp_path, tiny_corpus, audio_token_id=7)
+    with pytest.raises(ConfigError, match="<|AUDIO|> id is 4"):
+        Trainer(from_dict(train_config.TrainConfig, raw))
+    raw = corpus_config(tmp_path, tiny_corpus)
+    raw["data"]["corpus"]["batch_size"] = 4
+    with pytest.raises(ConfigError, match="set data.batch_size instead"):
+        train_config.check_static(from_dict(train_config.TrainConfig, raw))
