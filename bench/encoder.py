@@ -22,23 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from common import best_time, matmul_peak_gflops
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """Best f32 GFLOP/s of a square matmul under XLA on this machine (the roofline we compare to)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
 
 
 def flops_per_second_of_audio(cfg) -> float:
@@ -50,14 +37,6 @@ def flops_per_second_of_audio(cfg) -> float:
     per_patch = 2 * cfg.n_mels * 4 * d + cfg.depth * (2 * (3 * d * d + d * d + 2 * d * cfg.mlp_dim) + 4 * cfg.chunk_patches * d)
     return front + patches * per_patch
 
-
-def best_time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def main() -> None:

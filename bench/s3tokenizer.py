@@ -26,17 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from common import best_time, matmul_peak_gflops
+
 RELEASE = dict(n_mels=128, n_audio_ctx=1500, n_audio_state=1280, n_audio_head=20, n_audio_layer=6, n_codebook_size=6561, use_sdpa=False)
 
-
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    return 2 * n**3 / best_time(lambda: f(a).block_until_ready(), repeats) / 1e9
 
 
 def flops_per_second_of_audio(cfg: dict, seconds: float) -> float:
@@ -49,14 +42,6 @@ def flops_per_second_of_audio(cfg: dict, seconds: float) -> float:
     block = 2 * 12 * d * d + 4 * ctx * d + 2 * 31 * d
     return front + convs + tokens * cfg["n_audio_layer"] * block + tokens * 2 * d * 8
 
-
-def best_time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def import_reference(extra_path: str | None):

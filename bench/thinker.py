@@ -22,21 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import best_time, matmul_peak_gflops
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """Best f32 GFLOP/s of a square matmul under XLA on this machine (the roofline we compare to)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
 
 
 def model_flops_per_token(cfg, context: int) -> float:
@@ -46,14 +33,6 @@ def model_flops_per_token(cfg, context: int) -> float:
     per_layer = 2 * (qkvo + 3 * d * f) + 4 * context * cfg.num_attention_heads * cfg.head_dim
     return l * per_layer + 2 * d * cfg.vocab_size
 
-
-def best_time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def run(args) -> None:

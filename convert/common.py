@@ -302,6 +302,30 @@ class PrefixedSource(TensorSource):
         return self.source.get(self.prefix + key)
 
 
+# ----------------------------------------------------------------------------- HF configs
+
+
+def read_json_config(path: str | os.PathLike) -> dict[str, Any]:
+    """config.json of an HF-style folder (or the file itself), with errors naming the file."""
+    path = Path(path)
+    cfg_file = path / "config.json" if path.is_dir() else path
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path}: no config.json")
+    try:
+        return json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
+
+
+def keep_stored_dtype(hf: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Defaults param_dtype/dtype to the checkpoint's own dtype: round trips stay bit-exact and
+    a bf16 release is not silently doubled in memory."""
+    stored = hf.get("torch_dtype") or hf.get("dtype") or (hf.get("text_config") or {}).get("torch_dtype") or "float32"
+    overrides.setdefault("param_dtype", "bfloat16" if stored == "bfloat16" else "float32")
+    overrides.setdefault("dtype", overrides["param_dtype"])
+    return overrides
+
+
 # ----------------------------------------------------------------------------- streaming load
 
 

@@ -25,6 +25,8 @@ from hellochat_jax.convert.common import (
     SafetensorsSource,
     TensorSource,
     export_tensors,
+    keep_stored_dtype,
+    read_json_config,
     load_into,
     save_safetensors,
 )
@@ -54,21 +56,8 @@ TABLE = KeyTable(QWEN2_KEYS)
 
 
 def read_config(path: str | os.PathLike, **overrides: Any) -> Qwen2Config:
-    path = Path(path)
-    cfg_file = path / "config.json" if path.is_dir() else path
-    if not cfg_file.exists():
-        raise CheckpointError(f"{path}: no config.json")
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
-    # Keep the checkpoint's own dtype unless asked otherwise: round trips stay bit-exact and
-    # a bf16 release is not silently doubled in memory.
-    stored = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-    stored = "bfloat16" if stored == "bfloat16" else "float32"
-    overrides.setdefault("param_dtype", stored)
-    overrides.setdefault("dtype", overrides["param_dtype"])
-    return Qwen2Config.from_hf(hf, **overrides)
+    hf = read_json_config(path)
+    return Qwen2Config.from_hf(hf, **keep_stored_dtype(hf, overrides))
 
 
 def abstract_thinker(cfg: Qwen2Config) -> Qwen2Thinker:

@@ -27,6 +27,8 @@ from hellochat_jax.convert.common import (
     SafetensorsSource,
     TensorSource,
     export_tensors,
+    keep_stored_dtype,
+    read_json_config,
     load_into,
     save_safetensors,
 )
@@ -54,18 +56,9 @@ TABLE = KeyTable(MIDASHENGLM_KEYS)
 
 
 def read_config(path: str | os.PathLike, **overrides: Any) -> MiDashengLMConfig:
-    path = Path(path)
-    cfg_file = path / "config.json" if path.is_dir() else path
-    if not cfg_file.exists():
-        raise CheckpointError(f"{path}: no config.json")
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
-    # Keep the stored dtype unless asked otherwise (bit-exact round trips, no silent upcast).
-    stored = hf.get("torch_dtype") or hf.get("dtype") or (hf.get("text_config") or {}).get("torch_dtype") or "float32"
-    overrides.setdefault("param_dtype", "bfloat16" if stored == "bfloat16" else "float32")
-    overrides.setdefault("dtype", overrides["param_dtype"])
+    hf = read_json_config(path)
+    keep_stored_dtype(hf, overrides)
+    cfg_file = path
     try:
         return MiDashengLMConfig.from_hf(hf, **overrides)
     except (TypeError, ValueError) as e:

@@ -13,30 +13,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", required=True, help="local tokenizer folder (tokenizer.json + tokenizer_config.json)")
     p.add_argument("--prompt", action="append", required=True, help="user message; repeat for a batch")
     p.add_argument("--system", default=None, help="optional system message")
+    add_sampling_arguments(p)
+    p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
+    p.add_argument("--mesh", default=None)
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """Decoding options shared by `generate` and `understand`."""
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
-    p.add_argument("--mesh", default=None)
 
 
-def load_thinker(path: str, mesh):
-    """A converted checkpoint or an HF folder, whichever `path` is."""
+def sampling_from_args(args: argparse.Namespace):
+    from hellochat_jax.generate import SamplingConfig
+
+    return SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+
+
+# component -> module whose load(path, mesh) reads the HF-style release folder
+HF_LOADERS = {"qwen2": "hellochat_jax.convert.hf_qwen2", "midashenglm": "hellochat_jax.convert.midashenglm"}
+
+
+def load_model(path: str, mesh, component: str):
+    """A converted checkpoint or an HF-style folder of `component`, whichever `path` is."""
+    import importlib
+
     from hellochat_jax.convert.common import META_FILE
 
     if (Path(path) / META_FILE).exists():
         from hellochat_jax.models import load_checkpoint
 
-        component, cfg, model = load_checkpoint(path, mesh)
-        if component != "qwen2":
-            raise SystemExit(f"{path} holds a {component} checkpoint; `generate` needs a qwen2 thinker")
+        found, cfg, model = load_checkpoint(path, mesh)
+        if found != component:
+            raise SystemExit(f"{path} holds a {found} checkpoint; this command needs a {component} one")
         return cfg, model
-    from hellochat_jax.convert import hf_qwen2
-
-    return hf_qwen2.load(path, mesh)
+    return importlib.import_module(HF_LOADERS[component]).load(path, mesh)
 
 
 def load_tokenizer(path: str):
@@ -73,15 +88,15 @@ def stop_ids(tokenizer) -> list[int]:
 def main(args: argparse.Namespace) -> int:
     import jax
 
-    from hellochat_jax.generate import SamplingConfig, generate, left_pad
+    from hellochat_jax.generate import generate, left_pad
 
     mesh = shd.make_mesh(shd.parse_mesh_arg(args.mesh))
-    cfg, model = load_thinker(args.checkpoint, mesh)
+    cfg, model = load_model(args.checkpoint, mesh, "qwen2")
     tokenizer = load_tokenizer(args.tokenizer)
     prompts = encode_chat(tokenizer, args.prompt, args.system, args.raw)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask = left_pad(prompts, pad_id=pad, multiple=16)
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    sampling = sampling_from_args(args)
     tokens, lengths = generate(
         model, ids, mask, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_tokens=stop_ids(tokenizer),
         pad_id=pad, key=jax.random.key(args.seed), mesh=mesh,

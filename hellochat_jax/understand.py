@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from hellochat_jax import sharding as shd
+from hellochat_jax.generate_cli import add_sampling_arguments
 
 DEFAULT_PROMPT = "Caption the audio."
 
@@ -21,12 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"instruction after the audio (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--system", default=None, help="system message (default: MiDashengLM's)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    add_sampling_arguments(p)
     p.add_argument("--per-sample-top-db", action="store_true",
                    help="floor each clip's log-mel at its own peak - 120 dB instead of the batch's (the reference's "
                         "convention), so a loud file in the batch does not change a quiet one's features")
@@ -35,18 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_model(path: str, mesh):
     """A converted checkpoint or an HF MiDashengLM folder, whichever ``path`` is."""
-    from hellochat_jax.convert.common import META_FILE
+    from hellochat_jax.generate_cli import load_model as load
 
-    if (Path(path) / META_FILE).exists():
-        from hellochat_jax.models import load_checkpoint
-
-        component, cfg, model = load_checkpoint(path, mesh)
-        if component != "midashenglm":
-            raise SystemExit(f"{path} holds a {component} checkpoint; `understand` needs a midashenglm one")
-        return cfg, model
-    from hellochat_jax.convert import midashenglm
-
-    return midashenglm.load(path, mesh)
+    return load(path, mesh, "midashenglm")
 
 
 def load_tokenizer(path: str):
@@ -68,8 +55,7 @@ def main(args: argparse.Namespace) -> int:
     import jax
 
     from hellochat_jax import audio as audio_io
-    from hellochat_jax.generate import SamplingConfig
-    from hellochat_jax.generate_cli import stop_ids
+    from hellochat_jax.generate_cli import sampling_from_args, stop_ids
     from hellochat_jax.nn import midashenglm
     from hellochat_jax.processor import DEFAULT_SYSTEM, MiDashengLMProcessor, user_turn
 
@@ -92,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
         cfg = midashenglm.with_encoder_options(model, top_db_per_sample=True)
     tokenizer = load_tokenizer(args.tokenizer)
     processor = MiDashengLMProcessor(tokenizer, audio_token_id=cfg.audio_token_id, system=args.system or DEFAULT_SYSTEM)
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    sampling = sampling_from_args(args)
     key = jax.random.key(args.seed)
     max_positions = cfg.text.max_position_embeddings
     for start in range(0, len(clips), args.batch_size):
