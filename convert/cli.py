@@ -14,6 +14,7 @@ CONVERTERS = [
     "hellochat_jax.convert.midashenglm",
     "hellochat_jax.convert.s3tokenizer",
     "hellochat_jax.convert.cosyvoice2",
+    "hellochat_jax.convert.cosyvoice2_hift",
 ]
 
 

@@ -172,8 +172,6 @@ def _reference_order(cfg: SpeechTokenLMConfig) -> list[str]:
 
 def export_state_dict(model: SpeechTokenLM, cfg: SpeechTokenLMConfig) -> dict[str, Any]:
     """Their state dict (torch tensors), in their key order."""
-    import torch
-
     tensors = dict(export_tensors(model, key_table(cfg)))
     if not cfg.keep_text_lm_head:
         tensors[TEXT_LM_HEAD] = tensors["llm.model.model.embed_tokens.weight"]

@@ -37,7 +37,6 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -247,6 +246,8 @@ class Talker:
                     _, s3 = s3tokenizer.load(src, mesh, rules)
                 except CheckpointError as e:
                     missing["s3tokenizer"] = str(e)
+        if hasattr(hift, "fold_weight_norm"):
+            hift = hift.fold_weight_norm()  # inference copy: kernels computed once, not per call
         tokenizer = load_tokenizer(path / QWEN_FOLDER)
         speaker = None
         campplus = path / "campplus.onnx"

@@ -291,30 +291,6 @@ def test_bad_inference_inputs_are_refused():
         dataclasses.replace(cfg, output_size=MEL + 1)
 
 
-# ----------------------------------------------------------------------------- sharding
-
-
-def test_sharded_equals_unsharded():
-    cfg = tiny_config(heads=2)
-    model = tiny_model(cfg)
-    batch = rows(7, [12, 6, 9, 4], [2, 1, 0, 1], N_TOKENS, N_PROMPT, cfg)
-    noise = np.random.default_rng(8).normal(size=(4, 2 * (N_TOKENS + N_PROMPT), MEL)).astype(np.float32)
-    loss_batch = loss_inputs(9, [8, 5, 8, 3], cfg)
-    draws = draw_loss_randomness(jax.random.key(3), 2 * loss_batch["speech_token_len"], 16, cfg)
-    outs = []
-    for mesh in (single_device_mesh(), full_mesh()):
-        with jax.set_mesh(mesh), shd.use_rules(shd.DEFAULT_RULES):
-            m = shd.shard_model(nnx.clone(model), mesh)
-            mel, _ = infer(m, shd.put_batch(batch, mesh), shd.put_batch(noise, mesh), streaming=True)
-            loss, aux = loss_fn(m, shd.put_batch(loss_batch, mesh), draws)
-            outs.append((np.asarray(mel), float(loss), np.asarray(aux["pred"])))
-    kernel = shd.shard_model(nnx.clone(model), full_mesh()).estimator.mid_blocks[0].transformer_blocks[0].ff.proj.kernel[...]
-    assert len(kernel.sharding.device_set) > 1  # the parameters really are spread over the mesh
-    np.testing.assert_allclose(outs[0][0], outs[1][0], atol=2e-5)
-    np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-5)
-    np.testing.assert_allclose(outs[0][2], outs[1][2], atol=2e-5)
-
-
 # ----------------------------------------------------------------------------- loss
 
 
@@ -375,3 +351,28 @@ def test_loss_is_jittable_differentiable_seeded_and_ignores_padding():
     b, aux_b = loss_fn(model, noisy, draws)
     np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
     assert not np.any(np.asarray(aux_a["pred"])[1, 10:])
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def test_sharded_equals_unsharded():
+    """Same shapes as the tests above, so the unsharded programs are already compiled."""
+    cfg = tiny_config()
+    model = tiny_model(cfg)
+    batch = rows(7, [12, 6], [2, 1], N_TOKENS, N_PROMPT, cfg)
+    noise = np.random.default_rng(8).normal(size=(1, 2 * (N_TOKENS + N_PROMPT), MEL)).astype(np.float32)
+    loss_batch = loss_inputs(9, [8, 3], cfg)
+    draws = draw_loss_randomness(jax.random.key(3), 2 * loss_batch["speech_token_len"], 16, cfg)
+    expected = (infer(model, batch, noise, streaming=True)[0], *loss_fn(model, loss_batch, draws))
+
+    mesh = full_mesh()
+    with jax.set_mesh(mesh), shd.use_rules(shd.DEFAULT_RULES):
+        sharded = shd.shard_model(nnx.clone(model), mesh)
+        kernel = sharded.estimator.mid_blocks[0].transformer_blocks[0].ff.proj.kernel[...]
+        assert len(kernel.sharding.device_set) > 1  # the parameters really are spread over the mesh
+        mel, _ = infer(sharded, shd.put_batch(batch, mesh), shd.put_batch(noise, mesh), streaming=True)
+        loss, aux = loss_fn(sharded, shd.put_batch(loss_batch, mesh), shd.put_batch(draws, mesh))
+    np.testing.assert_allclose(mel, expected[0], atol=2e-5)
+    np.testing.assert_allclose(float(loss), float(expected[1]), rtol=1e-5)
+    np.testing.assert_allclose(aux["pred"], expected[2]["pred"], atol=2e-5)

@@ -23,7 +23,7 @@ def make(tmp_path, **sections):
 
 
 def leaves(tree):
-    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+    return [np.array(x, copy=True) for x in jax.tree.leaves(tree)]
 
 
 def test_grad_accumulation_equals_one_big_batch(tmp_path):
@@ -126,3 +126,52 @@ def test_a_run_writes_metrics_tensorboard_and_a_curve(tmp_path):
     assert records[-1]["flops_per_s"] > 0 and 0 < records[-1]["mfu"]
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+
+
+class TalkerBatches:
+    """Synthetic thinker rows plus text -> speech-token pairs laid out by `talker_batch`."""
+
+    task_names = SyntheticData.TASKS[:2]
+
+    def __init__(self, cfg, talker_cfg):
+        from hellochat_jax.train.corpus import talker_batch
+
+        rows = SyntheticData(cfg.data, seed=0).batch(0)
+        rng = np.random.default_rng(0)
+        n = len(rows["input_ids"])
+        pairs = {
+            "speech_text": rng.integers(3, 60, (n, 8)).astype(np.int32),
+            "speech_text_lengths": np.array([8, 5, 0, 8, 3, 8, 6, 8][:n], np.int32),  # row 2: no pair
+            "speech_tokens": rng.integers(0, 30, (n, 40)).astype(np.int32),
+            "speech_token_lengths": np.array([40, 30, 0, 12, 40, 25, 9, 40][:n], np.int32),
+        }
+        self.batch = {**rows, **talker_batch(pairs, talker_cfg, 8 + 40 + 2)}
+
+    def local_spec(self):
+        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in self.batch.items()}
+
+    def iterator(self):
+        return iter(grain.MapDataset.range(2**40).map(lambda _: self.batch).to_iter_dataset())
+
+
+def test_talker_speech_token_loss(tmp_path):
+    from hellochat_jax.train.model import talker_config
+
+    talker = {"speech_token_size": 30, "qwen2": dict(TINY_THINKER, tie_word_embeddings=True)}
+    cfg = make(tmp_path, model={"thinker": TINY_THINKER, "talker": talker})
+    data = TalkerBatches(cfg, talker_config(cfg.model))
+    targets = data.batch["speech_targets"]
+    assert (targets[2] == -1).all()  # no pair, no loss
+    assert (targets[0] >= 0).sum() in (41, 42)  # 40 tokens + EOS (+ a fill token when bistream)
+    trainer = Trainer(cfg, data=data)
+    state = trainer.init_state()
+    before = leaves({k: v for k, v in state["params"].items() if k == "talker"})
+    for _ in range(2):  # the first update has learning rate 0 (warmup)
+        state, metrics = trainer.step(state, trainer.batch([data.batch]))
+    assert float(metrics["talker_tokens"]) == float((targets != -1).sum())
+    assert np.isfinite(float(metrics["talker_ce"])) and float(metrics["talker_ce"]) > 0
+    # the step loss is the thinker's mean CE plus the talker's mean CE
+    want = float(metrics["thinker_ce"] / metrics["thinker_tokens"] + metrics["talker_ce"] / metrics["talker_tokens"])
+    np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
+    after = leaves({k: v for k, v in state["params"].items() if k == "talker"})
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after))

@@ -198,6 +198,12 @@ def check_static(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"data.synthetic.vocab_size={d.synthetic.vocab_size} exceeds model.thinker.vocab_size={m.thinker.vocab_size}"
         )
+    from hellochat_jax.train.model import encoder_config, talker_config
+
+    if m.encoder is not None:
+        encoder_config(m)  # the component configs, type-checked
+    if m.talker is not None:
+        talker_config(m)
     if d.source == "corpus":
         from hellochat_jax.train.corpus import pipeline_config
 

@@ -58,14 +58,24 @@ class CorpusData:
         self.pipeline_cfg = pipeline_config(cfg, process_count)
         self.process = (process_index, process_count)
         self.task_names = ("none",) + tuple(pipeline.TASKS)  # task_id 0 = padding
-        if self.pipeline_cfg.talker:
-            raise ConfigError("data.corpus.mixture.tts > 0: talker batches are not wired into the trainer yet")
-        self.keys = USED_KEYS + (AUDIO_KEYS if cfg.model.encoder is not None else ())
+        self.talker = None
+        if cfg.model.talker is not None:
+            if not self.pipeline_cfg.talker:
+                raise ConfigError("model.talker is set but data.corpus.mixture.tts is 0: the talker would get no pairs")
+            from hellochat_jax.train.model import talker_config
+
+            self.talker = talker_config(cfg.model)
+            self.speech_len = self.pipeline_cfg.speech_text_len + self.pipeline_cfg.speech_token_len + 2
+        self.keys = self.keys_for(cfg)
         tok = pipeline._chat_tokens(pipeline.tokenizer_path(self.pipeline_cfg))
         if len(tok) > cfg.model.thinker.vocab_size:
             raise ConfigError(f"the tokenizer has {len(tok)} tokens but model.thinker.vocab_size is {cfg.model.thinker.vocab_size}")
         if cfg.model.encoder is not None and cfg.model.audio_token_id != tok.audio:
             raise ConfigError(f"model.audio_token_id={cfg.model.audio_token_id} but the tokenizer's <|AUDIO|> id is {tok.audio}")
+
+    @staticmethod
+    def keys_for(cfg: TrainConfig) -> tuple[str, ...]:
+        return USED_KEYS + (AUDIO_KEYS if cfg.model.encoder is not None else ())
 
     def iterator(self):
         from hellochat_jax.data import pipeline
@@ -77,11 +87,47 @@ class CorpusData:
         from hellochat_jax.data import pipeline
 
         shapes = pipeline.batch_shapes(self.pipeline_cfg)
-        return {k: jax.ShapeDtypeStruct(shapes[k][0], np.dtype(shapes[k][1])) for k in self.keys}
+        spec = {k: jax.ShapeDtypeStruct(shapes[k][0], np.dtype(shapes[k][1])) for k in self.keys}
+        if self.talker is not None:
+            rows = self.pipeline_cfg.batch_size
+            for k in ("speech_ids", "speech_kinds", "speech_targets"):
+                spec[k] = jax.ShapeDtypeStruct((rows, self.speech_len), np.dtype(np.int32))
+        return spec
+
+    def prepare(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Host-side additions to a pipeline batch: the talker's input layout."""
+        if self.talker is None:
+            return batch
+        return {**batch, **talker_batch(batch, self.talker, self.speech_len)}
 
     def evaluator(self, trainer):
         e = self.cfg.eval
         return Evaluator(trainer, self.pipeline_cfg, e.num_examples, e.batch_size, e.max_new_tokens)
+
+
+def talker_batch(batch: dict[str, np.ndarray], talker_cfg, length: int) -> dict[str, np.ndarray]:
+    """The pipeline's text -> speech-token pairs as CosyVoice 2 training rows (uni- or bistream,
+    drawn per row as the reference does, from a generator seeded by the batch itself so a
+    resumed run draws the same). Rows without a pair, or whose record has no speech tokens,
+    get no targets."""
+    import zlib
+
+    from hellochat_jax.nn import speech_lm
+
+    text, n_text = batch["speech_text"], batch["speech_text_lengths"]
+    speech, n_speech = batch["speech_tokens"], batch["speech_token_lengths"]
+    draws = np.random.default_rng(zlib.crc32(speech.tobytes() + text.tobytes())).random(len(text))
+    rows = []
+    for i in range(len(text)):
+        if n_text[i] == 0 or n_speech[i] == 0:
+            rows.append(speech_lm.Layout(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32)))
+            continue
+        t, sp = text[i, : n_text[i]], speech[i, : n_speech[i]]
+        bistream = speech_lm.use_bistream(float(draws[i]), len(t), len(sp), talker_cfg.mix_ratio)
+        rows.append(speech_lm.training_layout(t, sp, bistream=bistream, speech_token_size=talker_cfg.speech_token_size,
+                                              mix_ratio=talker_cfg.mix_ratio))
+    padded = speech_lm.pad_batch(rows, left=False, length=length)
+    return {"speech_ids": padded.ids, "speech_kinds": padded.kinds, "speech_targets": padded.targets}
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -1,8 +1,9 @@
 """What the trainer reads: per-process micro-batches from a checkpointable grain iterator.
 
 A source provides `task_names`, `iterator()` (a grain `DatasetIterator` over this process's
-rows of each global micro-batch, as dicts of numpy arrays) and `local_spec()` (the shapes of
-the arrays the model reads; other keys in a batch are ignored). The trainer stacks
+rows of each global micro-batch, as dicts of numpy arrays), `local_spec()` (the shapes of
+the arrays the model reads; other keys in a batch are ignored) and optionally `prepare(batch)`
+(a deterministic host-side transform applied to each batch after the iterator). The trainer stacks
 `grad_accum` micro-batches and assembles global arrays with
 `jax.make_array_from_process_local_data`, so every process feeds only its own shard.
 

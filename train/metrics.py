@@ -132,7 +132,7 @@ class MetricsLogger:
         if "skipped_records" in stats:
             self.skipped_records += int(stats["skipped_records"])
 
-    def write(self, rec: dict[str, Any], advance: int = 0) -> None:
+    def write(self, rec: dict[str, Any]) -> None:
         if not self.primary:
             return
         if self.jsonl:
@@ -143,8 +143,8 @@ class MetricsLogger:
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, rec["step"])
         if self.bar:
-            self.bar.update(advance)
             if "loss" in rec:
+                self.bar.update(rec["step"] - self.bar.n)
                 self.bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec.get('tokens_per_s', 0):.0f}",
                                      mfu=f"{rec.get('mfu', float('nan')):.1%}", refresh=False)
             else:

@@ -6,8 +6,9 @@
     talker   SpeechTokenLM       (optional) text -> speech tokens
 
 A parameter's group is the first element of its path, so freezing, LoRA and checkpoint
-initialisation all address components by these four names. A new component is one more
-attribute here and one more builder in `COMPONENTS`.
+initialisation (`model.frozen`, `model.lora.groups`, `model.init_from`) address components by
+these four names. Absent components are None and hold no variables. A new component is one
+more attribute here, its config builder below, and its term in losses.Objective.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def encoder_config(cfg: ModelConfig):
     preset = fields.pop("preset", None)
     try:
         enc = DashengConfig.preset(preset, **fields) if preset else DashengConfig(**fields)
-    except TypeError as e:  # an unknown field
+    except (TypeError, ValueError) as e:  # an unknown field or an inconsistent size
         raise config_lib.ConfigError(f"model.encoder: {e}") from None
     return dataclasses.replace(enc, **_common(cfg))
 
@@ -54,7 +55,10 @@ def talker_config(cfg: ModelConfig):
         config_lib.from_dict(Qwen2Config, qwen2, where="model.talker.qwen2") if isinstance(qwen2, dict) else qwen2,
         remat=cfg.remat, scan_layers=cfg.scan_layers, **_common(cfg),
     )
-    return SpeechTokenLMConfig.from_dict({**fields, "qwen2": backbone})
+    try:
+        return SpeechTokenLMConfig.from_dict({**fields, "qwen2": backbone})
+    except (TypeError, ValueError) as e:  # an unknown field or an inconsistent size
+        raise config_lib.ConfigError(f"model.talker: {e}") from None
 
 
 class HelloChat(nnx.Module):
@@ -118,6 +122,3 @@ def build(cfg: ModelConfig, seed: int) -> Callable[[], HelloChat]:
     """The factory that `sharding.init_sharded` / `abstract_model` call."""
     return lambda: HelloChat(cfg, rngs=nnx.Rngs(seed))
 
-
-def group_of(path: tuple) -> str:
-    return str(path[0])

@@ -13,6 +13,7 @@ activations is not counted, nor are transient buffers inside the backward pass.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -63,22 +64,24 @@ def _by_group(state, mesh, rules) -> dict[str, float]:
     return out
 
 
-def plan_batch(cfg: TrainConfig, rows: int, audio_seconds: float, speech_len: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """One micro-batch's shapes as the data pipeline delivers them (one clip per row)."""
+def plan_batch(cfg: TrainConfig, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """One micro-batch's shapes as the trainer receives them (`rows` rows)."""
+    if cfg.data.source == "corpus":
+        from hellochat_jax.train.corpus import CorpusData, pipeline_config
+
+        data = CorpusData.__new__(CorpusData)  # the shapes only: no dataset or tokenizer needed
+        data.pipeline_cfg = dataclasses.replace(pipeline_config(cfg), batch_size=rows)
+        data.keys = CorpusData.keys_for(cfg)
+        data.talker = cfg.model.talker
+        data.speech_len = data.pipeline_cfg.speech_text_len + data.pipeline_cfg.speech_token_len + 2
+        return data.local_spec()
     t = cfg.data.seq_len
-    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
-    batch = {"input_ids": i32(rows, t), "targets": i32(rows, t), "segment_ids": i32(rows, t),
-             "positions": i32(rows, t), "task_id": i32(rows, t),
-             "loss_mask": jax.ShapeDtypeStruct((rows, t), jnp.float32)}
-    if cfg.model.encoder is not None:
-        batch["audio"] = jax.ShapeDtypeStruct((rows, int(audio_seconds * 16000)), jnp.float32)
-        batch["audio_lengths"] = i32(rows)
-    if cfg.model.talker is not None:
-        batch.update(speech_ids=i32(rows, speech_len), speech_kinds=i32(rows, speech_len), speech_targets=i32(rows, speech_len))
-    return batch
+    i32 = jax.ShapeDtypeStruct((rows, t), jnp.int32)
+    return {"input_ids": i32, "targets": i32, "segment_ids": i32, "positions": i32, "task_id": i32,
+            "loss_mask": jax.ShapeDtypeStruct((rows, t), jnp.float32)}
 
 
-def plan(cfg: TrainConfig, devices: int, *, audio_seconds: float = 30.0, speech_len: int = 1024) -> dict[str, Any]:
+def plan(cfg: TrainConfig, devices: int) -> dict[str, Any]:
     mesh_shape = validate(cfg, devices)
     mesh = jax.sharding.AbstractMesh(tuple(mesh_shape.values()), tuple(mesh_shape.keys()))
     rules = shd.rules_from_config(cfg.rules)
@@ -110,7 +113,7 @@ def plan(cfg: TrainConfig, devices: int, *, audio_seconds: float = 30.0, speech_
 
     def saved_bytes(n: int) -> float:
         with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
-            return sum(_nbytes(x) for x in _saved_residuals(loss, params, rest, plan_batch(cfg, n, audio_seconds, speech_len)))
+            return sum(_nbytes(x) for x in _saved_residuals(loss, params, rest, plan_batch(cfg, n)))
 
     # Residuals grow linearly with the rows: the per-row part is sharded with the batch, the
     # rest (e.g. the layer-stacked weights of scan_layers) like the parameters.

@@ -80,6 +80,7 @@ def _tree_add(a, b):
 class Trainer:
     def __init__(self, cfg: TrainConfig, data: data_lib.TrainData | None = None):
         self.cfg = cfg
+        self.summary = ""
         init_distributed(cfg.distributed)
         # Every config/device mismatch is reported here, before any array exists.
         mesh_shape = validate(cfg, jax.device_count(), jax.process_count())
@@ -239,6 +240,10 @@ class Trainer:
         return nnx.merge(self.graphdef, state["params"], state["rest"])
 
     def batch(self, micro_batches: list[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
+        """This process's micro-batches -> the global step input."""
+        prepare = getattr(self.data, "prepare", None)
+        if prepare is not None:
+            micro_batches = [prepare(b) for b in micro_batches]
         return data_lib.to_global(micro_batches, self.batch_spec, self.batch_shardings)
 
     def step(self, state, batch):
@@ -304,6 +309,7 @@ class Trainer:
                         ckpt.save(step, state, iterator, meta)
                     if evaluator and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
                         logger.write({"step": step, **evaluator(self.model(state))})
+                        last_time = time.perf_counter()  # evaluation time is not step time
                     if stop["signal"] is not None:
                         logger.message(f"SIGTERM: stopping after step {step}")
                         break
@@ -319,7 +325,9 @@ class Trainer:
                         f"the last good parameters. Check the data and the learning rate."
                     )
                 elif stop["signal"] is None and evaluator and cfg.eval.at_end:
-                    logger.write({"step": step, **evaluator(self.model(state))})
+                    final = {"step": step, **evaluator(self.model(state))}
+                    logger.write(final)
+                    self.summary = _summary(final)
         finally:
             ckpt.close()
             logger.close()
@@ -337,8 +345,7 @@ class Trainer:
         stats = jax.device_get(metrics)
         logger.observe(stats)
         if self.cfg.log.every and (step % self.cfg.log.every == 0 or not bool(stats["finite"])):
-            logger.write(logger.train_record(step, stats, step_time=step_time, data_wait=data_wait),
-                         advance=self.cfg.log.every)
+            logger.write(logger.train_record(step, stats, step_time=step_time, data_wait=data_wait))
         if int(stats["bad_in_row"]) >= self.cfg.max_bad_steps:
             return EXIT_BAD_STEPS
         return EXIT_OK
@@ -348,6 +355,15 @@ class Trainer:
         if make is None or not (self.cfg.eval.every or self.cfg.eval.at_end):
             return None
         return make(self)
+
+
+def _summary(record: dict[str, Any]) -> str:
+    """The final held-out numbers, one per line, for the console."""
+    lines = [f"held-out evaluation at step {record['step']}:"]
+    for key, value in record.items():
+        if key.startswith("eval/") and isinstance(value, float):
+            lines.append(f"  {key.removeprefix('eval/'):24s} {value:.3f}")
+    return "\n".join(lines)
 
 
 def _is_variable(x) -> bool:

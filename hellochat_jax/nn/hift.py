@@ -74,6 +74,8 @@ class HiFTConfig:
     checkpoint_prefix: str = ""
 
     def __post_init__(self):
+        for name in ("nsf_alpha", "nsf_sigma", "nsf_voiced_threshold", "lrelu_slope", "audio_limit"):
+            setattr(self, name, float(getattr(self, name)))
         self.upsample_rates = tuple(int(r) for r in self.upsample_rates)
         self.upsample_kernel_sizes = tuple(int(k) for k in self.upsample_kernel_sizes)
         self.resblock_kernel_sizes = tuple(int(k) for k in self.resblock_kernel_sizes)
@@ -96,6 +98,8 @@ class HiFTConfig:
         for k, ds in [*zip(self.resblock_kernel_sizes, self.resblock_dilation_sizes), *zip(self.source_resblock_kernel_sizes, self.source_resblock_dilation_sizes)]:
             if k % 2 == 0:
                 problems.append(f"resblock kernel {k} must be odd ('same' padding)")
+        if math.prod(self.upsample_rates) * self.hop_len < 3:
+            problems.append("fewer than 3 samples per frame: the reference's random initial phase would reach the output (not modelled)")
         if self.checkpoint_naming not in ("parametrizations", "legacy"):
             problems.append(f"checkpoint_naming {self.checkpoint_naming!r}: use 'parametrizations' or 'legacy'")
         if problems:
@@ -212,7 +216,7 @@ def _conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1, dilation: int = 1
 
 
 def sin_cos(z: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """sin(z), cos(z) to ~2e-7 absolute for |z| < 1e5, in plain vectorisable arithmetic.
+    """sin(z), cos(z) to ~1e-7 absolute for |z| < 1e5, in plain vectorisable arithmetic.
 
     XLA's CPU backend lowers jnp.sin to scalar libm calls, which made the Snake activations
     (a sine per element of every resblock activation) cost as much as the convolutions around

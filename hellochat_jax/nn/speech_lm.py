@@ -35,7 +35,6 @@ import numpy as np
 from flax import nnx
 
 from hellochat_jax import sharding as shd
-from hellochat_jax.generate import top_k_filter, top_p_filter
 from hellochat_jax.nn.layers import Embed, Linear, as_dtype
 from hellochat_jax.nn.qwen2 import KVCache, Qwen2Config, Qwen2Model, init_cache
 from hellochat_jax.sharding import constrain
@@ -324,14 +323,28 @@ def loss_fn(model: SpeechTokenLM, ids: jax.Array, kinds: jax.Array, targets: jax
 # ----------------------------------------------------------------------------- sampling
 
 
+def nucleus_sample(logp: jax.Array, key: jax.Array, top_p: float, top_k: int) -> jax.Array:
+    """The reference's nucleus_sampling: walking the tokens from most to least likely, keep
+    one while the probability mass before it is < top_p and fewer than top_k are kept; draw
+    among those in proportion to their probabilities. logp [B, V] -> [B].
+
+    Only the top_k best can be kept, so this takes lax.top_k instead of sorting the whole
+    vocabulary (generate.top_p_filter's way), which costs more than the LM step at V = 6564."""
+    k = min(top_k, logp.shape[-1]) if top_k > 0 else logp.shape[-1]
+    best, index = jax.lax.top_k(logp, k)  # descending
+    probs = jnp.exp(best - jax.nn.logsumexp(logp, axis=-1, keepdims=True))  # of the FULL distribution
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (before < top_p) | (jnp.arange(k) == 0)
+    pick = jax.random.categorical(key, jnp.where(keep, best, -jnp.inf), axis=-1)
+    return jnp.take_along_axis(index, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
 def ras_sample(logp: jax.Array, history: jax.Array, key: jax.Array, cfg: RasConfig) -> jax.Array:
     """One token per row. logp [B, V] (already masked), history [B, W] (-1 = empty)."""
     if cfg.greedy:
         return jnp.argmax(logp, axis=-1).astype(jnp.int32)
     k_nucleus, k_full = jax.random.split(key)
-    # top-p on the FULL distribution, then at most top-k of those (the reference's nucleus rule)
-    nucleus = top_k_filter(top_p_filter(logp, cfg.top_p), cfg.top_k)
-    first = jax.random.categorical(k_nucleus, nucleus, axis=-1).astype(jnp.int32)
+    first = nucleus_sample(logp, k_nucleus, cfg.top_p, cfg.top_k)
     repeats = jnp.sum(history == first[:, None], axis=-1)
     banned = jnp.where(jnp.arange(logp.shape[-1])[None, :] == first[:, None], -jnp.inf, logp)
     again = jax.random.categorical(k_full, banned, axis=-1).astype(jnp.int32)
@@ -423,7 +436,7 @@ class SpeechDecoder:
     model: SpeechTokenLM
     ds: DecodeState
     min_len: jax.Array
-    max_len: np.ndarray
+    max_len: jax.Array
     sampling: RasConfig
     graphdef: Any
     state: Any
