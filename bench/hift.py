@@ -68,6 +68,10 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads; 1 also makes XLA single-threaded (otherwise it uses every core)")
     p.add_argument("--cosyvoice-src", default=os.environ.get("COSYVOICE_SRC"), help="CosyVoice checkout for the reference")
     p.add_argument("--yaml", default=None, help="a cosyvoice2.yaml to take the hift sizes from")
+    p.add_argument("--weights", choices=["unit-gain", "reference-init"], default="unit-gain",
+                   help="unit-gain: weight-norm gains 1, activations O(1) as in a trained model (default); "
+                        "reference-init: the reference's N(0, 0.01) init, whose shrinking activations hit float32 "
+                        "denormals, which slow PyTorch on CPU (XLA flushes them to zero)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     if args.threads == 1:  # XLA's CPU backend otherwise uses every core
@@ -93,7 +97,8 @@ def main() -> int:
     audio_seconds = frames * cfg.samples_per_frame / cfg.sampling_rate
 
     ours = HiFTVocoder(cfg, rngs=nnx.Rngs(0))
-    unit_gains(ours)
+    if args.weights == "unit-gain":
+        unit_gains(ours)
     n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(ours, nnx.Param)))
     rng = np.random.default_rng(0)
     mel = (rng.standard_normal((1, cfg.in_channels, frames)) - 5.0).astype(np.float32)
@@ -155,12 +160,13 @@ def main() -> int:
         "cpu_count": os.cpu_count(),
         "torch_threads": args.threads,
         "frames": frames,
+        "weights": args.weights,
         "audio_seconds": audio_seconds,
         "params_million": n_params / 1e6,
         "ours": {**summary(times_ours), "compile_s": compile_s},
         "ours_weight_norm_unfolded": summary(times_unfolded),
     }
-    print(f"HiFT vocoder, {n_params / 1e6:.1f}M params, {frames} mel frames -> {audio_seconds:.2f} s of 24 kHz audio, float32, {jax.devices()[0].device_kind}")
+    print(f"HiFT vocoder, {n_params / 1e6:.1f}M params ({args.weights} random weights), {frames} mel frames -> {audio_seconds:.2f} s of 24 kHz audio, float32, {jax.devices()[0].device_kind}")
     print(f"  load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (timings alternate ours / reference)")
     print(f"  ours (JAX, jit, folded) median {result['ours']['median_s']:.3f} s  min {result['ours']['min_s']:.3f} s  RTF {result['ours']['rtf_median']:.3f}  CPU {result['ours']['cpu_s_median']:.3f} s  (first call with compile {compile_s:.1f} s)")
     print(f"  ours, weight norm folding in every call: median {result['ours_weight_norm_unfolded']['median_s']:.3f} s  CPU {result['ours_weight_norm_unfolded']['cpu_s_median']:.3f} s")

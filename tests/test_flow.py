@@ -28,6 +28,7 @@ from hellochat_jax.nn.flow import (
     FlowDecoder,
     draw_loss_randomness,
     flow_matching_loss,
+    jit_inference,
     time_schedule,
 )
 from hellochat_jax.verify import run_case
@@ -260,6 +261,12 @@ def test_lookahead_context_gives_the_finalized_frames_of_complete_chunks():
     complete = 2 * (encoded // 4 * 4) - 2 * N_PROMPT
     np.testing.assert_allclose(ctx[0, :complete], done[0, :complete], atol=1e-5)
     assert np.abs(np.asarray(ctx[0, complete : int(n_ctx[0])] - done[0, complete : int(n_ctx[0])])).max() > 1e-4
+
+    # the low-overhead compiled entry point computes the same, in every mode
+    fast = jit_inference(model)
+    for flags, expected in (((True, False), ctx), ((True, True), done)):
+        mel, _ = fast(**batch, noise=noise, streaming=flags[0], finalize=flags[1])
+        np.testing.assert_allclose(mel, expected, atol=1e-6)
 
 
 def test_key_noise_is_seeded_and_shapes_follow_the_inputs():

@@ -254,6 +254,21 @@ def test_round_trip_is_bit_exact(tmp_path):
     _assert_same_state_dict(torch.load(FIXTURE / "checkpoint" / "hift.pt", weights_only=True), torch.load(out, weights_only=True))
 
 
+def test_locally_made_release_folder_round_trips(tmp_path):
+    """A random model written as a release folder (hift.pt + cosyvoice2.yaml `hift:` section)
+    loads back to the same config and weights, and exports to the same file."""
+    from hellochat_jax.convert.cosyvoice2_yaml import dump_cosyvoice_yaml
+
+    model = tiny_model(seed=7)
+    folder = tmp_path / "release"
+    cosyvoice2_hift.export(model, model.cfg, folder)
+    (folder / "cosyvoice2.yaml").write_text(dump_cosyvoice_yaml({"sample_rate": 24000, "hift": model.cfg.to_yaml()}))
+    cfg, loaded = cosyvoice2_hift.load(folder, single_device_mesh())
+    assert cfg == model.cfg
+    out = cosyvoice2_hift.export(loaded, cfg, tmp_path / "again.pt")
+    _assert_same_state_dict(torch.load(folder / "hift.pt", weights_only=True), torch.load(out, weights_only=True))
+
+
 def _legacy_release(tmp_path: Path) -> Path:
     """The fixture rewritten as older releases store it: weight_g/weight_v, 'generator.' prefix."""
     sd = torch.load(FIXTURE / "checkpoint" / "hift.pt", weights_only=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from hellochat_jax import cli
-from hellochat_jax.config import ConfigError, from_dict
+from hellochat_jax.config import from_dict
 from hellochat_jax.train import config as train_config
 from hellochat_jax.train.checkpoint import Checkpointer
 from hellochat_jax.train.data import SyntheticData

@@ -179,8 +179,17 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def _smooth(values: list[float], window: int) -> np.ndarray:
+    """Trailing mean over `window` points (noisy per-step losses become readable)."""
+    x = np.asarray(values, np.float64)
+    c = np.cumsum(np.insert(x, 0, 0.0))
+    n = np.minimum(np.arange(1, len(x) + 1), window)
+    return (c[1:] - c[np.arange(1, len(x) + 1) - n]) / n
+
+
 def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Loss curves (per task) and eval scores from metrics.jsonl to a PNG."""
+    """Training losses (per task, smoothed) and held-out scores (with the constant-guess
+    baselines dashed) from metrics.jsonl to a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,23 +203,30 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax = axes[0][0]
     keys = sorted({k for r in train for k in r if k.startswith("loss/")})
     for key in ["thinker_loss"] + keys + (["talker_loss"] if any("talker_loss" in r for r in train) else []):
-        pts = [(r["step"], r[key]) for r in train if r.get(key) is not None]
+        pts = [(r["step"], r[key]) for r in train if isinstance(r.get(key), (int, float))]
         if pts:
-            ax.plot(*zip(*pts), label=key, linewidth=1)
+            steps, values = zip(*pts)
+            ax.plot(steps, _smooth(list(values), 10), label=key.removeprefix("loss/"), linewidth=1.2)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy")
+    ax.set_ylabel("cross-entropy (mean of 10 logged steps)")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     ax.set_title("training loss")
     if evals:
         ax = axes[0][1]
-        ekeys = sorted({k for r in evals for k in r if k.startswith("eval/")})
-        for key in ekeys:
-            pts = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=key.removeprefix("eval/"))
+        ekeys = sorted({k for r in evals for k, v in r.items() if k.startswith("eval/") and isinstance(v, float)
+                        and not k.endswith("_chance")})
+        for i, key in enumerate(ekeys):
+            color = f"C{i}"
+            pts = [(r["step"], r[key]) for r in evals if isinstance(r.get(key), float)]
+            ax.plot(*zip(*pts), marker="o", color=color, label=key.removeprefix("eval/"))
+            chance = [r[key + "_chance"] for r in evals if isinstance(r.get(key + "_chance"), float)]
+            if chance:
+                ax.axhline(chance[-1], color=color, linestyle="--", linewidth=1,
+                           label=key.removeprefix("eval/") + " (constant guess)")
         ax.set_xlabel("step")
-        ax.set_title("held-out evaluation")
+        ax.set_ylim(0, max(1.05, ax.get_ylim()[1]))
+        ax.set_title("held-out evaluation (greedy decoding)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     out = Path(out) if out else run_dir / "curves.png"

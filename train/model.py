@@ -17,7 +17,6 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from hellochat_jax import config as config_lib

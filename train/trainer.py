@@ -19,10 +19,9 @@ the run with a checkpoint of the last good state.
 from __future__ import annotations
 
 import math
-import os
 import signal
+import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -43,10 +42,6 @@ from hellochat_jax.train.model import HelloChat, build
 from hellochat_jax.train.optim import make_optimizer, schedule
 
 EXIT_OK, EXIT_BAD_STEPS = 0, 3
-
-
-class TrainingStopped(RuntimeError):
-    pass
 
 
 def init_distributed(cfg) -> None:
@@ -87,7 +82,7 @@ class Trainer:
         self.mesh = shd.make_mesh(mesh_shape)
         self.rules = shd.rules_from_config(cfg.rules)
         self.data = data if data is not None else make_data(cfg)
-        self.objective = Objective(len(self.data.task_names))
+        self.objective = Objective(len(self.data.task_names), remat=cfg.model.remat != "none")
         self.tx = make_optimizer(cfg)
         self.lr_schedule = schedule(cfg)
 
@@ -371,6 +366,4 @@ def _is_variable(x) -> bool:
 
 
 def _in_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()

@@ -14,17 +14,7 @@ from flax import nnx
 
 from hellochat_jax import sharding as shd
 from hellochat_jax.convert import cosyvoice2_flow
-from hellochat_jax.nn.flow import FlowDecoder, FlowLossDraws, flow_matching_loss
-
-
-@nnx.jit
-def _inference(model: FlowDecoder, inputs: dict, noise, streaming, finalize):
-    # streaming / finalize are traced: one compiled program serves the three fixture modes
-    return model.inference(
-        inputs["token"], inputs["token_len"], inputs["prompt_token"], inputs["prompt_token_len"],
-        inputs["prompt_feat"], inputs["prompt_feat_len"], inputs["embedding"],
-        noise=noise, streaming=streaming, finalize=finalize,
-    )
+from hellochat_jax.nn.flow import FlowDecoder, FlowLossDraws, flow_matching_loss, jit_inference
 
 
 @nnx.jit
@@ -70,8 +60,9 @@ def run(case, mesh, rules) -> dict[str, np.ndarray]:
     v0 = _first_estimate(model, out["spk_cond"], out["mu"], inputs["prompt_feat"], noise)
     out["est_step0"] = np.asarray(v0).transpose(0, 2, 1)
 
+    inference = jit_inference(model)  # one compiled program for the three modes
     for name, streaming, finalize in (("mel", False, True), ("mel_stream", True, True), ("mel_stream_ctx", True, False)):
-        mel, mel_len = _inference(model, inputs, noise, flag(streaming), flag(finalize))
+        mel, mel_len = inference(**inputs, noise=noise, streaming=flag(streaming), finalize=flag(finalize))
         n = int(np.asarray(mel_len)[0])
         out[name] = np.asarray(mel)[:, :n].transpose(0, 2, 1)
 
