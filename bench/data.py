@@ -26,7 +26,7 @@ import yaml
 
 
 def pipeline_config(path: str, workers: int, data_dir: str | None):
-    from hellochat_jax.config import from_dict
+    from hellochat_jax.core.config import from_dict
     from hellochat_jax.data import pipeline
 
     data = (yaml.safe_load(Path(path).read_text()) or {}).get("data", {})

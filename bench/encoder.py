@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import best_time, matmul_peak_gflops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -53,10 +52,14 @@ def main() -> None:
     import jax.numpy as jnp
     import torch
     from flax import nnx
-
-    from hellochat_jax.convert import dasheng as convert_dasheng
-    from hellochat_jax.nn.dasheng import DashengConfig, DashengEncoder, encode_long
     from torch_dasheng import load_reference
+
+    from hellochat_jax.components.dasheng import weights as convert_dasheng
+    from hellochat_jax.components.dasheng.model import (
+        DashengConfig,
+        DashengEncoder,
+        encode_long,
+    )
 
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = DashengConfig.preset(args.preset)

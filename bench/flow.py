@@ -97,7 +97,7 @@ flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec
 
 
 def release_config(yaml_path: str | None):
-    from hellochat_jax.convert import cosyvoice2_flow
+    from hellochat_jax.components.flow import weights as cosyvoice2_flow
 
     if yaml_path is None:
         folder = Path(tempfile.mkdtemp())
@@ -181,12 +181,15 @@ def reference_flow(args, cfg, state_dict: dict[str, np.ndarray]):
     _stub("matcha.utils.pylogger", get_pylogger=logging.getLogger)
     try:
         import torch
-        from omegaconf import DictConfig
-
         from cosyvoice.flow.decoder import CausalConditionalDecoder
         from cosyvoice.flow.flow import CausalMaskedDiffWithXvec
         from cosyvoice.flow.flow_matching import CausalConditionalCFM
-        from cosyvoice.transformer.upsample_encoder import PreLookaheadLayer, Upsample1D, UpsampleConformerEncoder
+        from cosyvoice.transformer.upsample_encoder import (
+            PreLookaheadLayer,
+            Upsample1D,
+            UpsampleConformerEncoder,
+        )
+        from omegaconf import DictConfig
     except Exception as e:  # noqa: BLE001 - reported, not fatal
         return None, f"reference not importable ({type(e).__name__}: {e}); see --cosyvoice-src / --ref-deps"
     enc, est = cfg.encoder, cfg.estimator
@@ -236,10 +239,10 @@ def main() -> int:
     import jax.numpy as jnp
     from flax import nnx
 
-    from hellochat_jax import sharding as shd
-    from hellochat_jax.convert import cosyvoice2_flow
-    from hellochat_jax.convert.common import DictSource
-    from hellochat_jax.nn.flow import jit_inference
+    from hellochat_jax.checkpoint.io import DictSource
+    from hellochat_jax.components.flow import weights as cosyvoice2_flow
+    from hellochat_jax.components.flow.model import jit_inference
+    from hellochat_jax.core import sharding as shd
 
     cfg = release_config(args.yaml)
     steps = cfg.n_timesteps

@@ -82,12 +82,12 @@ def main() -> int:
     import torch
     from flax import nnx
 
-    from hellochat_jax.convert import cosyvoice2_hift
-    from hellochat_jax.nn.hift import HiFTConfig, HiFTVocoder, synthesize
+    from hellochat_jax.components.hift import weights as cosyvoice2_hift
+    from hellochat_jax.components.hift.model import HiFTConfig, HiFTVocoder, synthesize
 
     torch.set_num_threads(args.threads)
     if args.yaml:
-        from hellochat_jax.convert.cosyvoice2_yaml import load_cosyvoice_yaml
+        from hellochat_jax.checkpoint.cosyvoice_yaml import load_cosyvoice_yaml
 
         hift_args = dict(load_cosyvoice_yaml(args.yaml)["hift"].value)
     else:

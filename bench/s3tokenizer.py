@@ -20,12 +20,10 @@ import importlib.util
 import json
 import sys
 import tempfile
-import time
 import types
 from pathlib import Path
 
 import numpy as np
-
 from common import best_time, matmul_peak_gflops
 
 RELEASE = dict(n_mels=128, n_audio_ctx=1500, n_audio_state=1280, n_audio_head=20, n_audio_layer=6, n_codebook_size=6561, use_sdpa=False)
@@ -73,8 +71,8 @@ def main() -> None:
     import jax
     import torch
 
-    from hellochat_jax.convert import s3tokenizer as convert
-    from hellochat_jax.nn.s3tokenizer import tokenize
+    from hellochat_jax.components.s3tokenizer import weights as convert
+    from hellochat_jax.components.s3tokenizer.model import tokenize
 
     reference, ref_note = import_reference(args.reference_path)
     torch.manual_seed(0)
@@ -85,8 +83,12 @@ def main() -> None:
             ref_model = S3TokenizerV2("speech_tokenizer_v2_25hz", config=ModelConfig(**RELEASE)).eval()
             torch.save(ref_model.state_dict(), pt)
         else:
-            from hellochat_jax.nn.s3tokenizer import S3Tokenizer, S3TokenizerConfig
             from flax import nnx
+
+            from hellochat_jax.components.s3tokenizer.model import (
+                S3Tokenizer,
+                S3TokenizerConfig,
+            )
 
             cfg = S3TokenizerConfig(**{k: v for k, v in RELEASE.items()})
             model = S3Tokenizer(cfg, rngs=nnx.Rngs(0))

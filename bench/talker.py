@@ -30,7 +30,6 @@ import types
 from pathlib import Path
 
 import numpy as np
-
 from common import best_time
 
 
@@ -71,10 +70,9 @@ def reference_lm(src: str | None, cfg, state_dict):
         import functools
 
         import torch
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-
         from cosyvoice.llm.llm import Qwen2Encoder, Qwen2LM
         from cosyvoice.utils.common import ras_sampling
+        from transformers import Qwen2Config, Qwen2ForCausalLM
     except Exception as e:  # noqa: BLE001 - reported, not fatal
         return None, f"reference not importable ({type(e).__name__}: {e}); pass --cosyvoice-src DIR (a CosyVoice checkout)"
     encoder = Qwen2Encoder.__new__(Qwen2Encoder)
@@ -92,10 +90,10 @@ def bench_lm(args, results: dict) -> None:
     import torch
     from flax import nnx
 
-    from hellochat_jax import sharding as shd
-    from hellochat_jax.convert import cosyvoice2_llm
-    from hellochat_jax.nn import speech_lm as slm
-    from hellochat_jax.nn.qwen2 import PRESETS, Qwen2Config
+    from hellochat_jax.components.qwen2.model import PRESETS, Qwen2Config
+    from hellochat_jax.components.speech_lm import model as slm
+    from hellochat_jax.components.speech_lm import weights as cosyvoice2_llm
+    from hellochat_jax.core import sharding as shd
 
     qwen = Qwen2Config(**{**PRESETS["qwen2.5-0.5b"], "num_hidden_layers": args.layers})
     cfg = slm.SpeechTokenLMConfig(qwen2=qwen, speech_token_size=6561)
@@ -160,13 +158,13 @@ def release_talker(args):
     import jax
     from flax import nnx
 
-    from hellochat_jax import sharding as shd
-    from hellochat_jax.nn import speech_lm as slm
-    from hellochat_jax.nn.flow import FlowConfig, FlowDecoder
-    from hellochat_jax.nn.hift import HiFTConfig, HiFTVocoder
-    from hellochat_jax.nn.qwen2 import PRESETS, Qwen2Config
-    from hellochat_jax.talker import Talker, load_tokenizer
-    from hellochat_jax.talker_testing import make_tiny_tokenizer
+    from hellochat_jax.components.flow.model import FlowConfig, FlowDecoder
+    from hellochat_jax.components.hift.model import HiFTConfig, HiFTVocoder
+    from hellochat_jax.components.qwen2.model import PRESETS, Qwen2Config
+    from hellochat_jax.components.speech_lm import model as slm
+    from hellochat_jax.core import sharding as shd
+    from hellochat_jax.pipelines.talker import Talker, load_tokenizer
+    from hellochat_jax.testing.talker import make_tiny_tokenizer
 
     mesh = shd.make_mesh(devices=jax.devices()[:1])
     cfg = slm.SpeechTokenLMConfig(qwen2=Qwen2Config(**{**PRESETS["qwen2.5-0.5b"], "num_hidden_layers": args.layers}), speech_token_size=6561)
@@ -187,7 +185,7 @@ def bench_talker(args, results: dict) -> None:
     import jax
     import jax.numpy as jnp
 
-    from hellochat_jax.nn.hift import synthesize
+    from hellochat_jax.components.hift.model import synthesize
 
     talker = release_talker(args)
     seconds = 4.0

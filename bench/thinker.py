@@ -13,17 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-
 from common import best_time, matmul_peak_gflops
-
 
 
 def model_flops_per_token(cfg, context: int) -> float:
@@ -41,10 +37,10 @@ def run(args) -> None:
     import transformers
     from flax import nnx
 
-    from hellochat_jax import sharding as shd
-    from hellochat_jax.convert import hf_qwen2
-    from hellochat_jax.generate import SamplingConfig, _decode, _prefill, generate
-    from hellochat_jax.nn.qwen2 import PRESETS
+    from hellochat_jax.components.qwen2 import weights as hf_qwen2
+    from hellochat_jax.components.qwen2.model import PRESETS
+    from hellochat_jax.core import sharding as shd
+    from hellochat_jax.core.decoding import SamplingConfig, _decode, _prefill
 
     torch.set_num_threads(os.cpu_count() or 1)
     preset = dict(PRESETS["qwen2.5-0.5b"])
@@ -163,8 +159,8 @@ def converter_bench(size_gb: float) -> None:
         "rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
         "import jax.numpy as jnp; jnp.zeros(1).block_until_ready()\n"
         "from hellochat_jax.convert import hf_qwen2\n"
-        "from hellochat_jax.convert.common import save_orbax\n"
-        "from hellochat_jax.models import config_to_dict\n"
+        "from hellochat_jax.checkpoint.io import save_orbax\n"
+        "from hellochat_jax.checkpoint.load import config_to_dict\n"
         "base = rss(); t0 = time.perf_counter()\n"
         f"cfg, m = hf_qwen2.load({str(tmp / 'hf')!r})\n"
         "t1 = time.perf_counter(); after_load = rss()\n"

@@ -66,10 +66,10 @@ class FixedBatch:
 
 def ours(tokens: np.ndarray, shape: dict, remat: str):
     import jax
-
-    from hellochat_jax.config import from_dict
     from hellochat_jax.train.config import TrainConfig
     from hellochat_jax.train.trainer import Trainer
+
+    from hellochat_jax.core.config import from_dict
 
     b, t1 = tokens.shape
     cfg = from_dict(TrainConfig, {

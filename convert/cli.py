@@ -9,12 +9,12 @@ import argparse
 import importlib
 
 CONVERTERS = [
-    "hellochat_jax.convert.hf_qwen2_cli",
+    "hellochat_jax.convert.qwen2",
     "hellochat_jax.convert.dasheng",
     "hellochat_jax.convert.midashenglm",
     "hellochat_jax.convert.s3tokenizer",
     "hellochat_jax.convert.cosyvoice2",
-    "hellochat_jax.convert.cosyvoice2_hift",
+    "hellochat_jax.convert.hift",
 ]
 
 

@@ -1,112 +1,12 @@
-"""MiDashengLM Hugging Face folder (config.json + safetensors, sharded or not) <-> our MiDashengLM.
-
-The folder holds three key families: ``audio_encoder.*`` (the dasheng release keys without the
-front-end buffers, ``init_bn.1.X`` renamed ``init_bn.X``), ``audio_projector.net.{0,2}.*`` and
-``decoder.*`` (transformers Qwen2ForCausalLM keys). One table maps all three; the encoder and
-decoder rows are the dasheng and Qwen2 tables with their prefixes.
-"""
+"""`hellochat convert midashenglm`: the command line over `hellochat_jax.components.midashenglm.weights`."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
-from pathlib import Path
-from typing import Any
 
-import jax
-from flax import nnx
-
-from hellochat_jax import sharding as shd
-from hellochat_jax.convert.common import (
-    TRANSPOSE,
-    CheckpointError,
-    KeyRule,
-    KeyTable,
-    SafetensorsSource,
-    TensorSource,
-    export_tensors,
-    keep_stored_dtype,
-    read_json_config,
-    load_into,
-    save_safetensors,
-)
-from hellochat_jax.convert.dasheng import DASHENG_KEYS
-from hellochat_jax.convert.hf_qwen2 import QWEN2_KEYS
-from hellochat_jax.nn.midashenglm import MiDashengLM, MiDashengLMConfig
-
-ENCODER_KEYS = [
-    KeyRule("audio_encoder." + rule.theirs.replace("init_bn.1.", "init_bn."), "audio_encoder." + rule.ours, rule.transform)
-    for rule in DASHENG_KEYS
-    if rule.ours is not None  # the front-end buffers are not stored in this format
-]
-PROJECTOR_KEYS = [
-    KeyRule("audio_projector.net.0.weight", "audio_projector.fc1.kernel", TRANSPOSE),
-    KeyRule("audio_projector.net.0.bias", "audio_projector.fc1.bias"),
-    KeyRule("audio_projector.net.2.weight", "audio_projector.fc2.kernel", TRANSPOSE),
-    KeyRule("audio_projector.net.2.bias", "audio_projector.fc2.bias"),
-]
-DECODER_KEYS = [
-    KeyRule("decoder." + rule.theirs, None if rule.ours is None else "decoder." + rule.ours, rule.transform)
-    for rule in QWEN2_KEYS
-]
-MIDASHENGLM_KEYS = ENCODER_KEYS + PROJECTOR_KEYS + DECODER_KEYS
-TABLE = KeyTable(MIDASHENGLM_KEYS)
-
-
-def read_config(path: str | os.PathLike, **overrides: Any) -> MiDashengLMConfig:
-    hf = read_json_config(path)
-    keep_stored_dtype(hf, overrides)
-    cfg_file = path
-    try:
-        return MiDashengLMConfig.from_hf(hf, **overrides)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{cfg_file}: {e}") from None
-
-
-def abstract_model(cfg: MiDashengLMConfig) -> MiDashengLM:
-    return shd.abstract_model(lambda: MiDashengLM(cfg, rngs=nnx.Rngs(0)))
-
-
-def table_for(cfg: MiDashengLMConfig, source: TensorSource, what: str) -> KeyTable:
-    """The key table, with a stored copy of a tied LM head accepted (and checked) but not loaded."""
-    head, emb = "decoder.lm_head.weight", "decoder.model.embed_tokens.weight"
-    if cfg.text.tie_word_embeddings and head in source.keys():
-        import numpy as np
-
-        if not np.array_equal(source.get(head), source.get(emb)):
-            raise CheckpointError(f"{what}: tie_word_embeddings=true but {head} differs from {emb}")
-        return KeyTable([KeyRule(head, None)] + MIDASHENGLM_KEYS)
-    return TABLE
-
-
-def load(
-    path: str | os.PathLike,
-    mesh: jax.sharding.Mesh | None = None,
-    rules: shd.Rules = shd.DEFAULT_RULES,
-    *,
-    progress: bool = False,
-    **config_overrides: Any,
-) -> tuple[MiDashengLMConfig, MiDashengLM]:
-    """Reads an HF MiDashengLM folder, streaming each tensor onto its sharding on ``mesh``."""
-    mesh = mesh if mesh is not None else shd.make_mesh()
-    cfg = read_config(path, **config_overrides)
-    source = SafetensorsSource(path)
-    model = load_into(abstract_model(cfg), source, table_for(cfg, source, str(path)), mesh, rules, what=str(path), progress=progress)
-    return cfg, model
-
-
-def export(model: MiDashengLM, cfg: MiDashengLMConfig, path: str | os.PathLike, *, max_shard_bytes: int | None = None) -> Path:
-    """Writes config.json + model.safetensors (sharded with an index when max_shard_bytes is set)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_safetensors(export_tensors(model, TABLE), path, max_shard_bytes=max_shard_bytes)
-    (path / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
-    return path
-
-
-# ----------------------------------------------------------------------------- CLI
+from hellochat_jax.components.midashenglm.weights import export, load
+from hellochat_jax.core import sharding as shd
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
@@ -128,8 +28,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 
 
 def _import_cli(args) -> int:
-    from hellochat_jax.convert.common import save_orbax
-    from hellochat_jax.models import config_to_dict
+    from hellochat_jax.checkpoint.io import save_orbax
+    from hellochat_jax.checkpoint.load import config_to_dict
 
     mesh = shd.make_mesh(shd.parse_mesh_arg(args.mesh))
     start = time.perf_counter()
@@ -141,7 +41,7 @@ def _import_cli(args) -> int:
 
 
 def _export_cli(args) -> int:
-    from hellochat_jax.models import load_checkpoint
+    from hellochat_jax.checkpoint.load import load_checkpoint
 
     component, cfg, model = load_checkpoint(args.checkpoint)
     if component != "midashenglm":
@@ -151,7 +51,7 @@ def _export_cli(args) -> int:
 
 
 def _random_cli(args) -> int:
-    from hellochat_jax.midashenglm_testing import make_tiny_midashenglm
+    from hellochat_jax.testing.midashenglm import make_tiny_midashenglm
 
     make_tiny_midashenglm(args.out, seed=args.seed)
     print(f"wrote {args.out} (random weights + byte-level tokenizer)")

@@ -19,12 +19,12 @@ def fixtures_dir() -> pathlib.Path:
 
 
 def single_device_mesh():
-    from hellochat_jax import sharding as shd
+    from hellochat_jax.core import sharding as shd
 
     return shd.make_mesh(devices=jax.devices()[:1])
 
 
 def full_mesh(data=2, fsdp=2, tensor=2):
-    from hellochat_jax import sharding as shd
+    from hellochat_jax.core import sharding as shd
 
     return shd.make_mesh({"data": data, "fsdp": fsdp, "tensor": tensor})

@@ -9,8 +9,8 @@ import pytest
 
 
 def tiny_corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from hellochat_jax.cli.data import build_synth
     from hellochat_jax.data import builders
-    from hellochat_jax.data.cli import build_synth
 
     root = tmp_path_factory.getbasetemp() / "hellochat_data"
     done = root / "hellochat_synth" / "tiny" / "1.0.0" / "tokenizer" / "tokenizer.json"

@@ -3,13 +3,12 @@ bad input is refused with an error that names the file and the problem."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import soundfile as sf
 
-from hellochat_jax import audio
-from hellochat_jax.audio import AudioError
+from hellochat_jax.core import dsp as audio
+from hellochat_jax.core.dsp import AudioError
 
 
 def tone(seconds: float, rate: int, freq: float = 440.0, channels: int = 1) -> np.ndarray:

@@ -9,15 +9,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import single_device_mesh
 from flax import nnx
 
-from conftest import single_device_mesh
-from hellochat_jax import sharding as shd
-from hellochat_jax.convert import dasheng as convert_dasheng
-from hellochat_jax.convert.common import CheckpointError
-from hellochat_jax.nn import dasheng
-from hellochat_jax.nn.dasheng import DashengConfig, DashengEncoder, encode_long, log_mel
-from hellochat_jax.verify import run_case
+from hellochat_jax.checkpoint.io import CheckpointError
+from hellochat_jax.components.dasheng import model as dasheng
+from hellochat_jax.components.dasheng import weights as convert_dasheng
+from hellochat_jax.components.dasheng.model import (
+    DashengConfig,
+    DashengEncoder,
+    encode_long,
+    log_mel,
+)
+from hellochat_jax.core import sharding as shd
+from hellochat_jax.core.parity import run_case
 
 torch = pytest.importorskip("torch")
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from hellochat_jax.cli.data import build_manifest
 from hellochat_jax.data import builders
-from hellochat_jax.data.cli import build_manifest
 
 
 def _tone(seconds, rate, channels=1):
@@ -97,7 +97,7 @@ def test_skip_bad_leaves_lines_out_and_lists_them(folder):
 
 
 def test_cli_fails_with_the_problem_list(folder, capsys):
-    from hellochat_jax.data import cli
+    from hellochat_jax.cli import data as cli
 
     manifest = _write(folder / "cli_bad.jsonl", [{"audio": "audio/nope.wav", "transcript": "x"}])
     args = argparse.Namespace(

@@ -9,7 +9,13 @@ import pytest
 from data_corpus import tiny_corpus  # noqa: F401  (session fixture)
 
 from hellochat_jax.data import builders, synth
-from hellochat_jax.data.tokenizer import SPECIAL_TOKENS, AudioPart, ChatTokens, Message, load_tokenizer
+from hellochat_jax.data.tokenizer import (
+    SPECIAL_TOKENS,
+    AudioPart,
+    ChatTokens,
+    Message,
+    load_tokenizer,
+)
 
 
 def _rms(x):
@@ -115,7 +121,7 @@ def test_tiny_corpus_records(tiny_corpus):  # noqa: F811
 
 
 def test_cli_reports_files_and_counts(tiny_corpus, capsys):  # noqa: F811
-    from hellochat_jax.data import cli
+    from hellochat_jax.cli import data as cli
 
     data_dir = str(tiny_corpus.parents[2])  # .../<data_dir>/hellochat_synth/tiny/1.0.0
     args = argparse.Namespace(

@@ -14,15 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FIXTURES, full_mesh, single_device_mesh
 from flax import nnx
 
-from conftest import FIXTURES, full_mesh, single_device_mesh
-from hellochat_jax import sharding as shd
-from hellochat_jax.convert import cosyvoice2_flow
-from hellochat_jax.convert.common import CheckpointError, DictSource, TorchSource
-from hellochat_jax.convert.cosyvoice2_yaml import load_cosyvoice_yaml
-from hellochat_jax.nn.conformer import UpsampleEncoderConfig
-from hellochat_jax.nn.flow import (
+from hellochat_jax.checkpoint.cosyvoice_yaml import load_cosyvoice_yaml
+from hellochat_jax.checkpoint.io import CheckpointError, DictSource, TorchSource
+from hellochat_jax.components.flow import weights as cosyvoice2_flow
+from hellochat_jax.components.flow.conformer import UpsampleEncoderConfig
+from hellochat_jax.components.flow.model import (
     EstimatorConfig,
     FlowConfig,
     FlowDecoder,
@@ -31,7 +30,8 @@ from hellochat_jax.nn.flow import (
     jit_inference,
     time_schedule,
 )
-from hellochat_jax.verify import run_case
+from hellochat_jax.core import sharding as shd
+from hellochat_jax.core.parity import run_case
 
 torch = pytest.importorskip("torch")
 
@@ -126,7 +126,7 @@ def test_yaml_written_by_export_reads_back_to_the_same_config(tmp_path):
     for cfg in (cosyvoice2_flow.read_config(FIXTURE / "checkpoint"), tiny_config(channels=(16, 24), up_blocks=4)):
         cfg = dataclasses.replace(cfg, n_timesteps=10, precision=None)
         data = {"flow": cosyvoice2_flow.config_to_yaml(cfg)}
-        from hellochat_jax.convert.cosyvoice2_yaml import dump_cosyvoice_yaml
+        from hellochat_jax.checkpoint.cosyvoice_yaml import dump_cosyvoice_yaml
 
         (tmp_path / "cosyvoice2.yaml").write_text(dump_cosyvoice_yaml(data))
         assert cosyvoice2_flow.read_config(tmp_path) == cfg
@@ -171,8 +171,8 @@ def test_export_reproduces_the_fixture_flow_pt_bit_exactly(tmp_path):
 
 
 def test_multi_level_unet_round_trips_through_release_format_and_orbax(tmp_path):
-    from hellochat_jax.convert.common import save_orbax
-    from hellochat_jax.models import load_checkpoint
+    from hellochat_jax.checkpoint.io import save_orbax
+    from hellochat_jax.checkpoint.load import load_checkpoint
 
     cfg = tiny_config(channels=(16, 24), up_blocks=4)
     model = tiny_model(cfg)

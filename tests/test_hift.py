@@ -16,14 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FIXTURES, full_mesh, single_device_mesh
 from flax import nnx
 
-from conftest import FIXTURES, full_mesh, single_device_mesh
-from hellochat_jax import sharding as shd
-from hellochat_jax import verify
-from hellochat_jax.convert import cosyvoice2_hift
-from hellochat_jax.convert.common import CheckpointError
-from hellochat_jax.nn.hift import (
+from hellochat_jax.checkpoint.io import CheckpointError
+from hellochat_jax.components.hift import weights as cosyvoice2_hift
+from hellochat_jax.components.hift.model import (
     HiFTConfig,
     HiFTVocoder,
     StreamCache,
@@ -33,6 +31,8 @@ from hellochat_jax.nn.hift import (
     stream_step,
     synthesize,
 )
+from hellochat_jax.core import parity as verify
+from hellochat_jax.core import sharding as shd
 
 torch = pytest.importorskip("torch")
 
@@ -220,7 +220,7 @@ def test_unsupported_configs_are_refused():
     with pytest.raises(ValueError, match="22050"):
         HiFTConfig(sampling_rate=22050)
     with pytest.raises(ValueError, match="CausalHiFTGenerator"):
-        from hellochat_jax.convert.cosyvoice2_yaml import Tagged
+        from hellochat_jax.checkpoint.cosyvoice_yaml import Tagged
 
         HiFTConfig.from_yaml(Tagged("new", "cosyvoice.hifigan.generator.CausalHiFTGenerator", {}))
 
@@ -257,7 +257,7 @@ def test_round_trip_is_bit_exact(tmp_path):
 def test_locally_made_release_folder_round_trips(tmp_path):
     """A random model written as a release folder (hift.pt + cosyvoice2.yaml `hift:` section)
     loads back to the same config and weights, and exports to the same file."""
-    from hellochat_jax.convert.cosyvoice2_yaml import dump_cosyvoice_yaml
+    from hellochat_jax.checkpoint.cosyvoice_yaml import dump_cosyvoice_yaml
 
     model = tiny_model(seed=7)
     folder = tmp_path / "release"

@@ -11,20 +11,29 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import single_device_mesh
 from flax import nnx
 
-from conftest import single_device_mesh
-from hellochat_jax import audio
-from hellochat_jax import sharding as shd
+from hellochat_jax.checkpoint.io import CheckpointError, SafetensorsSource
 from hellochat_jax.cli import main as hellochat
-from hellochat_jax.convert import midashenglm as convert_midashenglm
-from hellochat_jax.convert.common import CheckpointError, SafetensorsSource
-from hellochat_jax.midashenglm_testing import make_tiny_midashenglm, tiny_config, write_random
-from hellochat_jax.nn import midashenglm
-from hellochat_jax.nn.adapter import AudioAdapter
-from hellochat_jax.nn.midashenglm import check_placeholders, splice_audio
-from hellochat_jax.processor import AUDIO_BOS, AUDIO_EOS, MiDashengLMProcessor, user_turn
-from hellochat_jax.verify import run_case
+from hellochat_jax.components.adapter.model import AudioAdapter
+from hellochat_jax.components.midashenglm import model as midashenglm
+from hellochat_jax.components.midashenglm import weights as convert_midashenglm
+from hellochat_jax.components.midashenglm.model import check_placeholders, splice_audio
+from hellochat_jax.core import dsp as audio
+from hellochat_jax.core import sharding as shd
+from hellochat_jax.core.parity import run_case
+from hellochat_jax.pipelines.thinker import (
+    AUDIO_BOS,
+    AUDIO_EOS,
+    MiDashengLMProcessor,
+    user_turn,
+)
+from hellochat_jax.testing.midashenglm import (
+    make_tiny_midashenglm,
+    tiny_config,
+    write_random,
+)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "midashenglm-tiny"
 
@@ -38,7 +47,7 @@ def tiny_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_folder):
-    from hellochat_jax.understand import load_tokenizer
+    from hellochat_jax.cli.understand import load_tokenizer
 
     return load_tokenizer(str(tiny_folder))
 

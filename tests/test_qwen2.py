@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 import shutil
 import subprocess
@@ -10,16 +9,15 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import full_mesh, single_device_mesh
 from flax import nnx
 
-from conftest import full_mesh, single_device_mesh
-from hellochat_jax import sharding as shd
-from hellochat_jax.convert import hf_qwen2
-from hellochat_jax.convert.common import CheckpointError, SafetensorsSource, TorchSource
-from hellochat_jax.generate import SamplingConfig, _decode, generate, left_pad
+from hellochat_jax.checkpoint.io import CheckpointError, SafetensorsSource, TorchSource
+from hellochat_jax.components.qwen2 import weights as hf_qwen2
+from hellochat_jax.core import sharding as shd
+from hellochat_jax.core.decoding import SamplingConfig, _decode, generate, left_pad
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -228,8 +226,8 @@ def test_bfloat16_checkpoints_round_trip_bit_exact(tmp_path):
 
 
 def test_orbax_checkpoint_restores_on_another_mesh(tmp_path):
-    from hellochat_jax.convert.common import save_orbax
-    from hellochat_jax.models import config_to_dict, load_checkpoint
+    from hellochat_jax.checkpoint.io import save_orbax
+    from hellochat_jax.checkpoint.load import config_to_dict, load_checkpoint
 
     path, ref = make_hf_model(tmp_path, "gqa-tied")
     cfg, model = hf_qwen2.load(path, full_mesh(2, 2, 2), precision="highest")
@@ -300,7 +298,7 @@ def test_pickle_with_code_is_refused(tmp_path):
 @pytest.mark.parametrize("case", ["qwen2-tiny", "qwen2-tiny-tied"])
 @pytest.mark.parametrize("mesh_shape", [None, (2, 2, 2)])
 def test_fixtures_pass_verify(fixtures_dir, case, mesh_shape):
-    from hellochat_jax.verify import run_case
+    from hellochat_jax.core.parity import run_case
 
     mesh = single_device_mesh() if mesh_shape is None else full_mesh(*mesh_shape)
     _, rows = run_case(fixtures_dir / case, mesh)
@@ -343,7 +341,7 @@ def test_cli_convert_export_and_generate(tmp_path):
 
 
 def test_real_qwen25_configs_derive_from_config_json():
-    from hellochat_jax.nn.qwen2 import Qwen2Config
+    from hellochat_jax.components.qwen2.model import Qwen2Config
 
     # The fields of Qwen2.5-7B-Instruct's config.json that matter (as published).
     hf_7b = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,

@@ -14,13 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import full_mesh, single_device_mesh
 from flax import nnx
 
-from conftest import full_mesh, single_device_mesh
-from hellochat_jax import sharding as shd
-from hellochat_jax.convert import s3tokenizer as convert
-from hellochat_jax.convert.common import CheckpointError
-from hellochat_jax.nn.s3tokenizer import (
+from hellochat_jax.checkpoint.io import CheckpointError
+from hellochat_jax.components.s3tokenizer import weights as convert
+from hellochat_jax.components.s3tokenizer.model import (
     MAX_FRAMES,
     S3Tokenizer,
     S3TokenizerConfig,
@@ -28,7 +27,8 @@ from hellochat_jax.nn.s3tokenizer import (
     merge_windows,
     tokenize,
 )
-from hellochat_jax.verify import run_case
+from hellochat_jax.core import sharding as shd
+from hellochat_jax.core.parity import run_case
 
 CASE = "s3tokenizer-v2-tiny"
 

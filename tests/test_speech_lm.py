@@ -12,16 +12,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FIXTURES, full_mesh, single_device_mesh
 from flax import nnx
 
-from conftest import FIXTURES, full_mesh, single_device_mesh
-from hellochat_jax import sharding as shd
-from hellochat_jax.convert import cosyvoice2_llm
-from hellochat_jax.convert.common import CheckpointError, DictSource, TorchSource
-from hellochat_jax.nn import speech_lm as slm
-from hellochat_jax.nn.qwen2 import Qwen2Config
-from hellochat_jax.talker_testing import make_tiny_llm
-from hellochat_jax.verify import run_case
+from hellochat_jax.checkpoint.io import CheckpointError, DictSource, TorchSource
+from hellochat_jax.components.qwen2.model import Qwen2Config
+from hellochat_jax.components.speech_lm import model as slm
+from hellochat_jax.components.speech_lm import weights as cosyvoice2_llm
+from hellochat_jax.core import sharding as shd
+from hellochat_jax.core.parity import run_case
+from hellochat_jax.testing.talker import make_tiny_llm
 
 torch = pytest.importorskip("torch")
 
@@ -95,8 +95,8 @@ def test_export_reproduces_the_fixture_llm_pt_bit_exactly(tmp_path):
 
 @pytest.mark.parametrize("tied,dtype", [(True, "float32"), (False, "float32"), (True, "bfloat16")])
 def test_tiny_release_round_trip_through_orbax(tmp_path, tied, dtype):
-    from hellochat_jax.convert.common import save_orbax
-    from hellochat_jax.models import load_checkpoint
+    from hellochat_jax.checkpoint.io import save_orbax
+    from hellochat_jax.checkpoint.load import load_checkpoint
 
     make_tiny_llm(tmp_path / "rel", tied=tied, dtype=dtype, hidden=24, heads=3, kv_heads=1, layers=1)
     mesh = full_mesh()

@@ -12,10 +12,10 @@ import pytest
 import soundfile as sf
 
 from hellochat_jax.cli import main as cli
-from hellochat_jax.convert import cosyvoice2 as release_lib
-from hellochat_jax.nn import speech_lm as slm
-from hellochat_jax.talker import Talker, TalkerError, VoicePrompt, flow_mel
-from hellochat_jax.talker_testing import make_tiny_release
+from hellochat_jax.components.cosyvoice2 import weights as release_lib
+from hellochat_jax.components.speech_lm import model as slm
+from hellochat_jax.pipelines.talker import Talker, TalkerError, VoicePrompt, flow_mel
+from hellochat_jax.testing.talker import make_tiny_release
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")

@@ -5,14 +5,13 @@ accuracy, event F1 from greedy decoding)."""
 from __future__ import annotations
 
 import pytest
-
-from hellochat_jax.config import ConfigError, from_dict
+from data_corpus import tiny_corpus  # noqa: F401  (session fixture)
 from hellochat_jax.train import config as train_config
 from hellochat_jax.train.metrics import read_jsonl
 from hellochat_jax.train.trainer import Trainer
-
-from data_corpus import tiny_corpus  # noqa: F401  (session fixture)
 from train_util import tiny_config
+
+from hellochat_jax.core.config import ConfigError, from_dict
 
 
 def corpus_config(tmp_path, corpus_dir, **model):

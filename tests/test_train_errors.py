@@ -9,16 +9,15 @@ import grain
 import jax
 import numpy as np
 import pytest
-
-from hellochat_jax import cli
-from hellochat_jax.config import from_dict
 from hellochat_jax.train import config as train_config
 from hellochat_jax.train.checkpoint import Checkpointer
 from hellochat_jax.train.data import SyntheticData
 from hellochat_jax.train.metrics import read_jsonl
 from hellochat_jax.train.trainer import EXIT_BAD_STEPS, Trainer
-
 from train_util import tiny_config, write_config
+
+from hellochat_jax import cli
+from hellochat_jax.core.config import from_dict
 
 
 class PoisonedData(SyntheticData):

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import json
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
-
-from hellochat_jax import sharding as shd
-from hellochat_jax.config import ConfigError, from_dict
-from hellochat_jax.convert import hf_qwen2
-from hellochat_jax.convert.common import save_orbax
-from hellochat_jax.models import config_to_dict
 from hellochat_jax.train import config as train_config
 from hellochat_jax.train.trainer import Trainer
-
 from train_util import tiny_config
+
+from hellochat_jax.checkpoint.io import save_orbax
+from hellochat_jax.checkpoint.load import config_to_dict
+from hellochat_jax.components.qwen2 import weights as hf_qwen2
+from hellochat_jax.core import sharding as shd
+from hellochat_jax.core.config import ConfigError, from_dict
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,12 @@ import shutil
 
 import jax
 import numpy as np
-
-from hellochat_jax.config import from_dict
 from hellochat_jax.train import config as train_config
 from hellochat_jax.train.checkpoint import Checkpointer
 from hellochat_jax.train.trainer import Trainer
-
 from train_util import losses, run_train, tiny_config, write_config
+
+from hellochat_jax.core.config import from_dict
 
 
 def _cfg(tmp_path, **mesh):

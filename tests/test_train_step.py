@@ -8,14 +8,13 @@ import grain
 import jax
 import numpy as np
 from flax import nnx
-
-from hellochat_jax.config import from_dict
 from hellochat_jax.train import config as train_config
 from hellochat_jax.train.data import SyntheticData
 from hellochat_jax.train.metrics import read_jsonl
 from hellochat_jax.train.trainer import Trainer
-
 from train_util import TINY_THINKER, tiny_config
+
+from hellochat_jax.core.config import from_dict
 
 
 def make(tmp_path, **sections):

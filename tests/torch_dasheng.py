@@ -25,8 +25,8 @@ def _stub_transforms():
     import torch
     from torch import nn
 
-    from hellochat_jax.convert.dasheng import torchaudio_buffers
-    from hellochat_jax.nn.dasheng import DashengConfig
+    from hellochat_jax.components.dasheng.model import DashengConfig
+    from hellochat_jax.components.dasheng.weights import torchaudio_buffers
 
     class _Holder(nn.Module):
         def __init__(self, name, value):

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from hellochat_jax.train.metrics import read_jsonl
 
 TINY_THINKER = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -18,8 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hellochat_jax.config import ConfigError
     from hellochat_jax.train import config as train_config
+
+    from hellochat_jax.core.config import ConfigError
 
     try:
         cfg = train_config.load(args.config, args.overrides)

@@ -12,10 +12,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from hellochat_jax import config as config_lib
-from hellochat_jax.config import ConfigError
-from hellochat_jax.nn.qwen2 import Qwen2Config
-from hellochat_jax.sharding import MESH_AXES, MeshConfig
+from hellochat_jax.components.qwen2.model import Qwen2Config
+from hellochat_jax.core import config as config_lib
+from hellochat_jax.core.config import ConfigError
+from hellochat_jax.core.sharding import MESH_AXES, MeshConfig
 
 GROUPS = ("encoder", "adapter", "thinker", "talker")
 
@@ -228,7 +228,7 @@ def batch_axes_size(mesh_shape: dict[str, int], rules: Any) -> int:
 
 def validate(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[str, int]:
     """Checks the config against the devices; returns the resolved mesh shape."""
-    from hellochat_jax.sharding import rules_from_config
+    from hellochat_jax.core.sharding import rules_from_config
 
     sizes = {a: getattr(cfg.mesh, a) for a in MESH_AXES}
     if sum(s == -1 for s in sizes.values()) > 1:

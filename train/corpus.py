@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-from hellochat_jax.config import ConfigError, from_dict
 from hellochat_jax.train.config import TrainConfig
+
+from hellochat_jax.core.config import ConfigError, from_dict
 
 USED_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions", "task_id", "bad_records", "too_long")
 AUDIO_KEYS = ("audio", "audio_lengths")
@@ -112,7 +112,7 @@ def talker_batch(batch: dict[str, np.ndarray], talker_cfg, length: int) -> dict[
     get no targets."""
     import zlib
 
-    from hellochat_jax.nn import speech_lm
+    from hellochat_jax.components.speech_lm import model as speech_lm
 
     text, n_text = batch["speech_text"], batch["speech_text_lengths"]
     speech, n_speech = batch["speech_tokens"], batch["speech_token_lengths"]
@@ -198,7 +198,7 @@ class Evaluator:
         return out
 
     def _generate(self, model, rows: list[dict[str, Any]]) -> list[str]:
-        from hellochat_jax import generate as gen
+        from hellochat_jax.core import decoding as gen
 
         b, t = self.batch_size, self.prompt_len
         pad = self.chat.pad

@@ -26,10 +26,10 @@ from typing import Any, Protocol
 import grain
 import jax
 import numpy as np
+from hellochat_jax.train.config import DataConfig
 from jax.sharding import Mesh, NamedSharding
 
-from hellochat_jax import sharding as shd
-from hellochat_jax.train.config import DataConfig
+from hellochat_jax.core import sharding as shd
 
 
 class TrainData(Protocol):

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from hellochat_jax.config import ConfigError
+from hellochat_jax.core.config import ConfigError
 
 # (checkpoint component, our group) -> the sub-tree of the checkpoint's module that fills it
 SOURCES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -34,7 +34,7 @@ SOURCES: dict[tuple[str, str], tuple[str, ...]] = {
 
 def load_groups(trainer, state: dict[str, Any]) -> dict[str, Any]:
     """Overwrites the named groups of a fresh train state (in place) and returns it."""
-    from hellochat_jax.models import load_checkpoint
+    from hellochat_jax.checkpoint.load import load_checkpoint
 
     for group, ckpt_dir in trainer.cfg.model.init_from.items():
         component, _, module = load_checkpoint(ckpt_dir, trainer.mesh, trainer.rules)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hellochat_jax.nn.layers import Linear
+from hellochat_jax.core.layers import Linear
 
 
 class LoRALinear(nnx.Module):

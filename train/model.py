@@ -18,11 +18,10 @@ from typing import Any, Callable
 
 import jax
 from flax import nnx
-
-from hellochat_jax import config as config_lib
-from hellochat_jax.nn.qwen2 import Qwen2Config, Qwen2Thinker
-
 from hellochat_jax.train.config import ModelConfig
+
+from hellochat_jax.components.qwen2.model import Qwen2Config, Qwen2Thinker
+from hellochat_jax.core import config as config_lib
 
 
 def _common(cfg: ModelConfig) -> dict[str, Any]:
@@ -34,7 +33,7 @@ def thinker_config(cfg: ModelConfig) -> Qwen2Config:
 
 
 def encoder_config(cfg: ModelConfig):
-    from hellochat_jax.nn.dasheng import DashengConfig
+    from hellochat_jax.components.dasheng.model import DashengConfig
 
     fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.encoder.items()}
     preset = fields.pop("preset", None)
@@ -46,7 +45,7 @@ def encoder_config(cfg: ModelConfig):
 
 
 def talker_config(cfg: ModelConfig):
-    from hellochat_jax.nn.speech_lm import SpeechTokenLMConfig
+    from hellochat_jax.components.speech_lm.model import SpeechTokenLMConfig
 
     fields = dict(cfg.talker)
     qwen2 = fields.pop("qwen2", {})
@@ -65,9 +64,9 @@ class HelloChat(nnx.Module):
         self.thinker = Qwen2Thinker(thinker_config(cfg), rngs=rngs)
         encoder = adapter = talker = audio_cfg = None
         if cfg.encoder is not None:
-            from hellochat_jax.nn.adapter import AudioAdapter
-            from hellochat_jax.nn.dasheng import DashengEncoder
-            from hellochat_jax.nn.midashenglm import MiDashengLMConfig
+            from hellochat_jax.components.adapter.model import AudioAdapter
+            from hellochat_jax.components.dasheng.model import DashengEncoder
+            from hellochat_jax.components.midashenglm.model import MiDashengLMConfig
 
             enc = encoder_config(cfg)
             subsample = int(dict(cfg.adapter or {}).get("subsample", 5))
@@ -79,7 +78,7 @@ class HelloChat(nnx.Module):
                 dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
             )
         if cfg.talker is not None:
-            from hellochat_jax.nn.speech_lm import SpeechTokenLM
+            from hellochat_jax.components.speech_lm.model import SpeechTokenLM
 
             talker = SpeechTokenLM(talker_config(cfg), rngs=rngs)
         # Absent components stay None (static attributes): no variables, no path.
@@ -101,7 +100,10 @@ class HelloChat(nnx.Module):
         embeds = self.thinker.model.embed_tokens(input_ids)
         if self.encoder is None or audio is None:
             return embeds
-        from hellochat_jax.nn.midashenglm import audio_token_counts, splice_audio
+        from hellochat_jax.components.midashenglm.model import (
+            audio_token_counts,
+            splice_audio,
+        )
 
         b, a, s = audio.shape
         lengths = audio_lengths.reshape(b * a)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import jax
 import optax
-
 from hellochat_jax.train.config import TrainConfig
 
 

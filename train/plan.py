@@ -22,13 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-
-from hellochat_jax import sharding as shd
 from hellochat_jax.train.config import TrainConfig, batch_axes_size, validate
 from hellochat_jax.train.lora import trainable_filter
 from hellochat_jax.train.losses import Objective
 from hellochat_jax.train.model import build
 from hellochat_jax.train.optim import make_optimizer
+
+from hellochat_jax.core import sharding as shd
 
 GiB = 1024**3
 
@@ -52,7 +52,9 @@ def _nbytes(x) -> float:
 def _saved_residuals(fn, *args) -> list:
     """What the backward pass of fn keeps, excluding fn's own inputs (params, batch): the
     residual list behind jax.ad_checkpoint.print_saved_residuals, traced abstractly."""
-    from jax._src.ad_checkpoint import saved_residuals  # the data print_saved_residuals prints
+    from jax._src.ad_checkpoint import (
+        saved_residuals,  # the data print_saved_residuals prints
+    )
 
     return [aval for aval, where in saved_residuals(fn, *args) if not where.startswith("from the argument")]
 

@@ -29,17 +29,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
-
-from hellochat_jax import sharding as shd
 from hellochat_jax.train import data as data_lib
 from hellochat_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from hellochat_jax.train.config import TrainConfig, validate
 from hellochat_jax.train.lora import trainable_filter
 from hellochat_jax.train.losses import Objective
-from hellochat_jax.train.metrics import MetricsLogger, compiled_flops, peak_flops_per_device
+from hellochat_jax.train.metrics import (
+    MetricsLogger,
+    compiled_flops,
+    peak_flops_per_device,
+)
 from hellochat_jax.train.model import HelloChat, build
 from hellochat_jax.train.optim import make_optimizer, schedule
+from jax.sharding import NamedSharding, PartitionSpec
+
+from hellochat_jax.core import sharding as shd
 
 EXIT_OK, EXIT_BAD_STEPS = 0, 3
 
@@ -200,7 +204,7 @@ class Trainer:
         model = self.cfg.model
         if model.encoder is None or "encoder" in model.init_from or "audio" not in self.batch_spec:
             return state
-        from hellochat_jax.nn import dasheng
+        from hellochat_jax.components.dasheng import model as dasheng
 
         enc_cfg = self.model(state).encoder.cfg
         iterator = self.data.iterator()  # a fresh one: the training stream is untouched

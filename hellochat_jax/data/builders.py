@@ -165,8 +165,8 @@ _TEXT_FIELDS = ("transcript", "emotion", "caption", "voice", "kind", "reply", "i
 
 
 def load_audio(path: str | Path) -> np.ndarray:
-    """Any file soundfile reads -> validated mono float32 at 16 kHz (hellochat_jax.audio)."""
-    from hellochat_jax import audio
+    """Any file soundfile reads -> validated mono float32 at 16 kHz (hellochat_jax.core.dsp)."""
+    from hellochat_jax.core import dsp as audio
 
     return audio.load(path)
 

@@ -69,7 +69,9 @@ from typing import Any
 import grain
 import numpy as np
 
-from hellochat_jax.audio import num_audio_tokens  # the placeholder count, shared with the model
+from hellochat_jax.core.dsp import (
+    num_audio_tokens,  # the placeholder count, shared with the model
+)
 from hellochat_jax.data import builders
 from hellochat_jax.data.tokenizer import AudioPart, ChatTokens, Message, load_tokenizer
 

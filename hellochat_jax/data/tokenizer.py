@@ -51,7 +51,15 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
     Ids 0..5 are the special tokens (<|endoftext|> = 0 is also the padding id), then the 256
     byte symbols, then merges up to `vocab_size`.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < len(SPECIAL_TOKENS) + 256:

@@ -1,0 +1,232 @@
+"""CosyVoice 2 release `llm.pt` (+ `cosyvoice2.yaml` and `CosyVoice-BlankEN/config.json`)
+<-> our SpeechTokenLM.
+
+`llm.pt` is the plain state dict of their Qwen2LM: three small tables of its own and the
+Qwen2 backbone under `llm.model.` (their Qwen2Encoder holds a transformers
+Qwen2ForCausalLM as `.model`). The backbone rows are the thinker's HF table (QWEN2_KEYS) with
+that prefix, so there is one Qwen2 key table in the project. The release stores the tied text
+LM head too (`llm.model.lm_head.weight`, equal to the text embedding); it is checked, dropped
+on import and written back on export. Sizes come from the yaml's `llm:` section (read as data,
+never executed) and the backbone's config.json; the dtype from the tensors in llm.pt.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from hellochat_jax.checkpoint.cosyvoice_yaml import Tagged, load_cosyvoice_yaml
+from hellochat_jax.checkpoint.io import (
+    IDENTITY,
+    TRANSPOSE,
+    CheckpointError,
+    KeyRule,
+    KeyTable,
+    TensorSource,
+    TorchSource,
+    export_tensors,
+    load_into,
+)
+from hellochat_jax.components.qwen2.weights import QWEN2_KEYS
+from hellochat_jax.components.speech_lm.model import (
+    RasConfig,
+    SpeechTokenLM,
+    SpeechTokenLMConfig,
+)
+from hellochat_jax.core import sharding as shd
+
+COMPONENT = "cosyvoice2-llm"
+QWEN_FOLDER = "CosyVoice-BlankEN"
+TEXT_LM_HEAD = "llm.model.lm_head.weight"
+
+
+def _backbone_rules() -> list[KeyRule]:
+    """QWEN2_KEYS' decoder rows moved under their `llm.model.` and our `llm.` (a Qwen2Model,
+    so the thinker's `model.` prefix on our side goes)."""
+    rules = []
+    for r in QWEN2_KEYS:
+        if r.theirs.startswith("model."):
+            ours = None if r.ours is None else r.ours.removeprefix("model.")
+            rules.append(KeyRule("llm.model." + r.theirs, None if ours is None else "llm." + ours, r.transform))
+    return rules
+
+
+# llm.pt key (theirs) -> our variable path. {i} is the decoder layer.
+SPEECH_LM_KEYS = [
+    KeyRule("llm_embedding.weight", "llm_embedding.embedding", IDENTITY),  # [2, D]: sos, task id
+    *_backbone_rules(),  # llm.model.model.* -> llm.*  (text embedding, layers, final norm)
+    KeyRule("llm_decoder.weight", "llm_decoder.kernel", TRANSPOSE),  # [S+3, D] -> [D, S+3]
+    KeyRule("llm_decoder.bias", "llm_decoder.bias", IDENTITY),
+    KeyRule("speech_embedding.weight", "speech_embedding.embedding", IDENTITY),  # [S+3, D]
+]
+# The backbone's text LM head: unused by the speech LM. Tied (the release): a copy of the text
+# embedding, skipped on import. Untied: kept as a frozen (untrained) tensor for export.
+TIED_HEAD = KeyRule(TEXT_LM_HEAD, None)
+UNTIED_HEAD = KeyRule(TEXT_LM_HEAD, "text_lm_head", IDENTITY)
+
+
+def key_table(cfg: SpeechTokenLMConfig) -> KeyTable:
+    return KeyTable(SPEECH_LM_KEYS + [UNTIED_HEAD if cfg.keep_text_lm_head else TIED_HEAD])
+
+
+def _dtype_name(source: TensorSource, key: str) -> str:
+    dt = source.get(key).dtype
+    if dt == np.float32:
+        return "float32"
+    if dt.name == "bfloat16":
+        return "bfloat16"
+    raise CheckpointError(f"{key}: dtype {dt} is not supported (float32 or bfloat16)")
+
+
+def llm_section(yaml_data: dict[str, Any], where: str) -> Tagged:
+    node = yaml_data.get("llm")
+    if not isinstance(node, Tagged) or node.kind != "new":
+        raise CheckpointError(f"{where}: no `llm: !new:...` section")
+    if node.cls != "Qwen2LM":
+        raise CheckpointError(f"{where}: llm is {node.target}; only CosyVoice 2's Qwen2LM is supported")
+    return node
+
+
+def read_config(release: str | os.PathLike, source: TensorSource | None = None, **qwen2_overrides: Any) -> SpeechTokenLMConfig:
+    """Config from a release folder: cosyvoice2.yaml's `llm:` + CosyVoice-BlankEN/config.json."""
+    from hellochat_jax.components.qwen2 import weights as hf_qwen2
+
+    release = Path(release)
+    yaml_path = release / "cosyvoice2.yaml"
+    if not yaml_path.exists():
+        raise CheckpointError(f"{release}: no cosyvoice2.yaml (not a CosyVoice 2 release folder)")
+    qwen_dir = release / QWEN_FOLDER
+    node = llm_section(load_cosyvoice_yaml(yaml_path, overrides={"qwen_pretrain_path": str(qwen_dir)}), str(yaml_path))
+    if source is not None:
+        dtype = _dtype_name(source, "llm_decoder.weight")
+        qwen2_overrides.setdefault("param_dtype", dtype)
+        qwen2_overrides.setdefault("dtype", qwen2_overrides["param_dtype"])
+    qwen2 = hf_qwen2.read_config(qwen_dir, **qwen2_overrides)
+    for name in ("llm_input_size", "llm_output_size"):
+        if int(node[name]) != qwen2.hidden_size:
+            raise CheckpointError(f"{yaml_path}: llm.{name}={node[name]} but the Qwen2 backbone's hidden_size is {qwen2.hidden_size}")
+    sampling = node.get("sampling")
+    if isinstance(sampling, Tagged):
+        if sampling.cls != "ras_sampling":
+            raise CheckpointError(f"{yaml_path}: llm.sampling is {sampling.target}; only ras_sampling is supported")
+        known = {k: sampling.value[k] for k in ("top_p", "top_k", "win_size", "tau_r") if isinstance(sampling.value, dict) and k in sampling.value}
+        ras = RasConfig(**known)
+    else:
+        ras = RasConfig()
+    keep_head = False
+    if source is not None and not qwen2.tie_word_embeddings and TEXT_LM_HEAD in source.keys():
+        keep_head = True
+    return SpeechTokenLMConfig(
+        qwen2=qwen2,
+        speech_token_size=int(node["speech_token_size"]),
+        length_normalized_loss=bool(node.get("length_normalized_loss", True)),
+        lsm_weight=float(node.get("lsm_weight", 0.0)),
+        mix_ratio=tuple(node.get("mix_ratio", (5, 15))),
+        sampling=ras,
+        keep_text_lm_head=keep_head,
+    )
+
+
+def abstract_model(cfg: SpeechTokenLMConfig) -> SpeechTokenLM:
+    return shd.abstract_model(lambda: SpeechTokenLM(cfg, rngs=nnx.Rngs(0)))
+
+
+def load_from_source(cfg: SpeechTokenLMConfig, source: TensorSource, mesh: jax.sharding.Mesh, rules: shd.Rules = shd.DEFAULT_RULES, *, what: str = "llm.pt", progress: bool = False) -> SpeechTokenLM:
+    if not cfg.keep_text_lm_head and TEXT_LM_HEAD in source.keys():
+        emb = source.get("llm.model.model.embed_tokens.weight") if "llm.model.model.embed_tokens.weight" in source.keys() else None
+        if emb is not None and not np.array_equal(emb, source.get(TEXT_LM_HEAD)):
+            raise CheckpointError(f"{what}: tie_word_embeddings=true but {TEXT_LM_HEAD} differs from llm.model.model.embed_tokens.weight")
+    return load_into(abstract_model(cfg), source, key_table(cfg), mesh, rules, what=what, progress=progress)
+
+
+def load(
+    release: str | os.PathLike,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: shd.Rules = shd.DEFAULT_RULES,
+    *,
+    progress: bool = False,
+    **qwen2_overrides: Any,
+) -> tuple[SpeechTokenLMConfig, SpeechTokenLM]:
+    """Reads llm.pt from a CosyVoice 2 release folder (or a folder laid out like one)."""
+    release = Path(release)
+    mesh = mesh if mesh is not None else shd.make_mesh()
+    source = TorchSource(release / "llm.pt")
+    cfg = read_config(release, source, **qwen2_overrides)
+    return cfg, load_from_source(cfg, source, mesh, rules, what=str(release / "llm.pt"), progress=progress)
+
+
+def _reference_order(cfg: SpeechTokenLMConfig) -> list[str]:
+    """Key order of their state dict (module registration order)."""
+    layer = [
+        "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias",
+        "self_attn.v_proj.weight", "self_attn.v_proj.bias", "self_attn.o_proj.weight", "mlp.gate_proj.weight",
+        "mlp.up_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight",
+    ]
+    keys = ["llm_embedding.weight", "llm.model.model.embed_tokens.weight"]
+    for i in range(cfg.qwen2.num_hidden_layers):
+        keys += [f"llm.model.model.layers.{i}.{k}" for k in layer]
+    keys += ["llm.model.model.norm.weight", TEXT_LM_HEAD, "llm_decoder.weight", "llm_decoder.bias", "speech_embedding.weight"]
+    return keys
+
+
+def export_state_dict(model: SpeechTokenLM, cfg: SpeechTokenLMConfig) -> dict[str, Any]:
+    """Their state dict (torch tensors), in their key order."""
+    tensors = dict(export_tensors(model, key_table(cfg)))
+    if not cfg.keep_text_lm_head:
+        tensors[TEXT_LM_HEAD] = tensors["llm.model.model.embed_tokens.weight"]
+    order = {k: n for n, k in enumerate(_reference_order(cfg))}
+    out = {}
+    for key in sorted(tensors, key=lambda k: order.get(k, len(order))):
+        out[key] = to_torch(tensors[key])
+    return out
+
+
+def to_torch(x: np.ndarray):
+    import torch
+
+    x = np.array(x, copy=True, order="C")  # writable: torch refuses read-only buffers
+    if x.dtype.name == "bfloat16":
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(x)
+
+
+def export(model: SpeechTokenLM, cfg: SpeechTokenLMConfig, path: str | os.PathLike) -> Path:
+    """Writes llm.pt into a release folder (and CosyVoice-BlankEN/config.json if absent)."""
+    import json
+
+    import torch
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(export_state_dict(model, cfg), path / "llm.pt")
+    qwen_cfg = path / QWEN_FOLDER / "config.json"
+    if not qwen_cfg.exists():
+        qwen_cfg.parent.mkdir(parents=True, exist_ok=True)
+        hf = cfg.qwen2.to_hf()
+        hf["torch_dtype"] = cfg.qwen2.param_dtype
+        qwen_cfg.write_text(json.dumps(hf, indent=2))
+    return path
+
+
+def yaml_section(cfg: SpeechTokenLMConfig) -> dict[str, Any]:
+    """The `llm:` entry of cosyvoice2.yaml for this config (as `Tagged` data)."""
+    return {
+        "llm": Tagged("new", "cosyvoice.llm.llm.Qwen2LM", {
+            "llm_input_size": cfg.hidden_size,
+            "llm_output_size": cfg.hidden_size,
+            "speech_token_size": cfg.speech_token_size,
+            "length_normalized_loss": cfg.length_normalized_loss,
+            "lsm_weight": cfg.lsm_weight,
+            "mix_ratio": list(cfg.mix_ratio),
+            "llm": Tagged("new", "cosyvoice.llm.llm.Qwen2Encoder", {"pretrain_path": QWEN_FOLDER}),
+            "sampling": Tagged("name", "cosyvoice.utils.common.ras_sampling", {
+                "top_p": cfg.sampling.top_p, "top_k": cfg.sampling.top_k,
+                "win_size": cfg.sampling.win_size, "tau_r": cfg.sampling.tau_r,
+            }),
+        }),
+    }
