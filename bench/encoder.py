@@ -5,7 +5,7 @@
 
 Prints audio-seconds encoded per second (front end + encoder), the ratio ours/reference, and
 our achieved GFLOP/s against this machine's measured f32 matmul peak. The reference is the
-`dasheng` 0.0.9 package with torchaudio stubbed (tests/torch_dasheng.py) when it is installed,
+`dasheng` 0.0.9 package with torchaudio stubbed (hellochat_jax/testing/torch_dasheng.py) when it is installed,
 else that file's plain-torch transcription of the same forward pass; the run says which.
 `--long N` also times `encode_long` (bounded-memory segments) on N seconds of audio.
 """
@@ -22,9 +22,6 @@ from pathlib import Path
 
 import numpy as np
 from common import best_time, matmul_peak_gflops
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
 
 
 def flops_per_second_of_audio(cfg) -> float:
@@ -52,7 +49,7 @@ def main() -> None:
     import jax.numpy as jnp
     import torch
     from flax import nnx
-    from torch_dasheng import load_reference
+    from hellochat_jax.testing.torch_dasheng import load_reference
 
     from hellochat_jax.components.dasheng import weights as convert_dasheng
     from hellochat_jax.components.dasheng.model import (

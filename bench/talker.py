@@ -78,9 +78,9 @@ def reference_lm(src: str | None, cfg, state_dict):
     encoder = Qwen2Encoder.__new__(Qwen2Encoder)
     torch.nn.Module.__init__(encoder)
     encoder.model = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in cfg.qwen2.to_hf().items() if k != "torch_dtype"}))
-    s = cfg.sampling
+    s = cfg.sampling  # RepetitionAware(Nucleus(...)): CosyVoice 2's ras_sampling
     ref = Qwen2LM(cfg.hidden_size, cfg.hidden_size, cfg.speech_token_size, encoder,
-                  functools.partial(ras_sampling, top_p=s.top_p, top_k=s.top_k, win_size=s.win_size, tau_r=s.tau_r))
+                  functools.partial(ras_sampling, top_p=s.inner.top_p, top_k=s.inner.top_k, win_size=s.window, tau_r=s.tau_r))
     ref.load_state_dict(state_dict, strict=True)
     return ref.eval(), None
 
@@ -190,7 +190,7 @@ def bench_talker(args, results: dict) -> None:
     talker = release_talker(args)
     seconds = 4.0
     tokens = [list(np.random.default_rng(0).integers(0, 6561, 100))]
-    noise = talker._noise(jax.random.key(0), 200)
+    noise = talker._noise(jax.random.key(0))  # the fixed-size noise buffer
 
     def flow():
         mel, _ = talker.tokens_to_mel(tokens, None, noise)

@@ -40,7 +40,7 @@ def run(args) -> None:
     from hellochat_jax.components.qwen2 import weights as hf_qwen2
     from hellochat_jax.components.qwen2.model import PRESETS
     from hellochat_jax.core import sharding as shd
-    from hellochat_jax.core.decoding import SamplingConfig, _decode, _prefill
+    from hellochat_jax.core.decoding import Greedy, StepRules, decode, initial_state, prefill, row_limits, thinker_feed, thinker_prompt
 
     torch.set_num_threads(os.cpu_count() or 1)
     preset = dict(PRESETS["qwen2.5-0.5b"])
@@ -62,9 +62,10 @@ def run(args) -> None:
     for batch in args.batches:
         ids = rng.integers(0, cfg.vocab_size, (batch, args.prompt)).astype(np.int32)
         mask = np.ones_like(ids)
+        inputs = {"input_ids": jax.numpy.asarray(ids), "attention_mask": jax.numpy.asarray(mask)}
         # --- prefill
         def ours_prefill():
-            logits, cache = _prefill(graphdef, state, jax.numpy.asarray(ids), None, jax.numpy.asarray(mask), args.prompt + args.new)
+            logits, cache = prefill(graphdef, state, inputs, prompt=thinker_prompt, cache_len=args.prompt + args.new)
             jax.block_until_ready(logits)
 
         ours_prefill()
@@ -81,13 +82,15 @@ def run(args) -> None:
         flops = tokens * model_flops_per_token(cfg, args.prompt // 2)
         rows.append(("prefill", batch, tokens / t_ours, tokens / t_ref, flops / t_ours / 1e9))
         # --- decode: the compiled while_loop alone, from a prefilled cache
-        logits0, cache0 = _prefill(graphdef, state, jax.numpy.asarray(ids), None, jax.numpy.asarray(mask), args.prompt + args.new)
-        seen = jax.numpy.zeros((batch, cfg.vocab_size), bool)
-        stop = jax.numpy.asarray([-1], jax.numpy.int32)
+        logits0, cache0 = prefill(graphdef, state, inputs, prompt=thinker_prompt, cache_len=args.prompt + args.new)
+        rules, limits, until = StepRules(thinker_feed), row_limits(batch), jax.numpy.asarray(args.new, jax.numpy.int32)
 
         def ours_decode():
-            toks, _ = _decode(graphdef, state, logits0, cache0, seen, stop, jax.random.key(0), args.new, SamplingConfig(), 0)
-            jax.block_until_ready(toks)
+            # decode donates its state, so each run starts from a copy of the prefill's output
+            logits, cache = jax.tree.map(jax.numpy.copy, (logits0, cache0))
+            ds = initial_state(logits, cache, jax.random.key(0), max_steps=args.new, sampler=Greedy())
+            ds = decode(graphdef, state, ds, limits, until, rules=rules, sampler=Greedy())
+            jax.block_until_ready(ds.tokens)
 
         ours_decode()
         t_dec = best_time(ours_decode, args.repeats)
@@ -158,13 +161,12 @@ def converter_bench(size_gb: float) -> None:
         "import resource, time, sys\n"
         "rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
         "import jax.numpy as jnp; jnp.zeros(1).block_until_ready()\n"
-        "from hellochat_jax.convert import hf_qwen2\n"
-        "from hellochat_jax.checkpoint.io import save_orbax\n"
-        "from hellochat_jax.checkpoint.load import config_to_dict\n"
+        "from hellochat_jax.components.qwen2 import weights as hf_qwen2\n"
+        "from hellochat_jax.checkpoint.load import save_checkpoint\n"
         "base = rss(); t0 = time.perf_counter()\n"
         f"cfg, m = hf_qwen2.load({str(tmp / 'hf')!r})\n"
         "t1 = time.perf_counter(); after_load = rss()\n"
-        f"save_orbax(m, {str(tmp / 'ckpt')!r}, component='qwen2', config=config_to_dict(cfg))\n"
+        f"save_checkpoint(m, cfg, {str(tmp / 'ckpt')!r}, 'qwen2')\n"
         "t2 = time.perf_counter()\n"
         "print(base, after_load, rss(), t1 - t0, t2 - t1)\n"
     )

@@ -1,7 +1,6 @@
 """Users' own data: a folder of audio files + a JSONL manifest -> the same records as the
 synthetic corpus; every problem reported by line, nothing dropped silently."""
 
-import argparse
 import json
 from pathlib import Path
 
@@ -97,13 +96,11 @@ def test_skip_bad_leaves_lines_out_and_lists_them(folder):
 
 
 def test_cli_fails_with_the_problem_list(folder, capsys):
-    from hellochat_jax.cli import data as cli
+    from hellochat_jax import cli
 
     manifest = _write(folder / "cli_bad.jsonl", [{"audio": "audio/nope.wav", "transcript": "x"}])
-    args = argparse.Namespace(
-        kind="manifest", manifest=str(manifest), name=None, skip_bad=False,
-        data_dir=str(folder / "tfds"), vocab_size=300, overwrite=False,
-    )  # fmt: skip
-    assert cli.main(args) == 2
+    argv = ["data", "build", "manifest", "--manifest", str(manifest), "--data_dir", str(folder / "tfds"), "--vocab_size", "300"]
+    assert cli.main(argv) == 1
     err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
     assert "line 1:" in err and "nope.wav not found" in err and "--skip_bad" in err

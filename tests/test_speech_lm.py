@@ -19,9 +19,11 @@ from hellochat_jax.checkpoint.io import CheckpointError, DictSource, TorchSource
 from hellochat_jax.components.qwen2.model import Qwen2Config
 from hellochat_jax.components.speech_lm import model as slm
 from hellochat_jax.components.speech_lm import weights as cosyvoice2_llm
+from hellochat_jax.core import decoding
 from hellochat_jax.core import sharding as shd
-from hellochat_jax.core.parity import run_case
+from hellochat_jax.core.decoding import Greedy, History, Nucleus, RepetitionAware
 from hellochat_jax.testing.talker import make_tiny_llm
+from hellochat_jax.testing.state_dicts import assert_same_state_dict
 
 torch = pytest.importorskip("torch")
 
@@ -70,14 +72,7 @@ def full_recompute_greedy(model, text, prompt_text, prompt_speech, min_len, max_
 # ----------------------------------------------------------------------------- parity
 
 
-def test_fixture_parity_on_one_device():
-    _, rows = run_case(FIXTURE, single_device_mesh())
-    assert all(r.ok for r in rows), [r for r in rows if not r.ok]
-
-
-def test_fixture_parity_on_8_device_mesh():
-    _, rows = run_case(FIXTURE, full_mesh())
-    assert all(r.ok for r in rows), [r for r in rows if not r.ok]
+# The fixture itself passes on 1 and 8 devices: tests/test_verify.py (every fixture).
 
 
 # ----------------------------------------------------------------------------- converter
@@ -87,22 +82,18 @@ def test_export_reproduces_the_fixture_llm_pt_bit_exactly(tmp_path):
     cfg, model = cosyvoice2_llm.load(FIXTURE / "checkpoint", single_device_mesh())
     cosyvoice2_llm.export(model, cfg, tmp_path)
     theirs = torch.load(FIXTURE / "checkpoint" / "llm.pt", weights_only=True)
-    ours = torch.load(tmp_path / "llm.pt", weights_only=True)
-    assert list(ours) == list(theirs)
-    for k in theirs:
-        assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
+    assert_same_state_dict(torch.load(tmp_path / "llm.pt", weights_only=True), theirs)
 
 
 @pytest.mark.parametrize("tied,dtype", [(True, "float32"), (False, "float32"), (True, "bfloat16")])
 def test_tiny_release_round_trip_through_orbax(tmp_path, tied, dtype):
-    from hellochat_jax.checkpoint.io import save_orbax
-    from hellochat_jax.checkpoint.load import load_checkpoint
+    from hellochat_jax.checkpoint.load import load_checkpoint, save_checkpoint
 
     make_tiny_llm(tmp_path / "rel", tied=tied, dtype=dtype, hidden=24, heads=3, kv_heads=1, layers=1)
     mesh = full_mesh()
     cfg, model = cosyvoice2_llm.load(tmp_path / "rel", mesh)
     assert cfg.keep_text_lm_head == (not tied) and cfg.qwen2.param_dtype == dtype
-    save_orbax(model, tmp_path / "ckpt", component=cosyvoice2_llm.COMPONENT, config=cfg.to_dict())
+    save_checkpoint(model, cfg, tmp_path / "ckpt", cosyvoice2_llm.COMPONENT)
     component, cfg2, restored = load_checkpoint(tmp_path / "ckpt", single_device_mesh())
     assert component == "cosyvoice2-llm" and cfg2 == cfg
     cosyvoice2_llm.export(restored, cfg2, tmp_path / "out")
@@ -140,7 +131,7 @@ def test_refuses_mismatched_checkpoints_by_name():
 def test_config_comes_from_the_yaml_and_backbone_config():
     cfg = cosyvoice2_llm.read_config(FIXTURE / "checkpoint")
     assert cfg.speech_token_size == 97 and cfg.mix_ratio == (5, 15) and cfg.hidden_size == 64
-    assert cfg.sampling == slm.RasConfig(top_p=0.8, top_k=25, win_size=10, tau_r=0.1)
+    assert cfg.sampling == RepetitionAware(Nucleus(top_p=0.8, top_k=25, full_mass=True), window=10, tau_r=0.1)
     assert (cfg.eos, cfg.fill, cfg.vocab) == (97, 99, 100)
 
 
@@ -238,7 +229,7 @@ ROWS = dict(
 
 def test_greedy_batched_left_padded_decode_equals_full_recompute():
     model = tiny_model(seed=3)
-    got = slm.generate(model, **ROWS, sampling=slm.GREEDY, min_ratio=1.0, max_ratio=3.0)
+    got = slm.generate(model, **ROWS, sampling=Greedy(), min_ratio=1.0, max_ratio=3.0)
     for i, (t, pt, ps) in enumerate(zip(*ROWS.values())):
         lo, hi = slm.length_limits(len(t), 1.0, 3.0)
         assert got[i] == full_recompute_greedy(model, t, pt, ps, lo, hi), i
@@ -247,11 +238,11 @@ def test_greedy_batched_left_padded_decode_equals_full_recompute():
 def test_min_and_max_length_rule():
     # eos always wins when allowed: every row stops exactly at min_len
     model = tiny_model(eos_bias=50.0)
-    got = slm.generate(model, **ROWS, sampling=slm.GREEDY, min_ratio=2.3, max_ratio=5.0)
+    got = slm.generate(model, **ROWS, sampling=Greedy(), min_ratio=2.3, max_ratio=5.0)
     assert [len(g) for g in got] == [slm.length_limits(len(t), 2.3, 5.0)[0] for t in ROWS["texts"]]
     # eos never wins: every row runs to max_len
     model = tiny_model(eos_bias=-50.0)
-    got = slm.generate(model, **ROWS, sampling=slm.GREEDY, min_ratio=2.3, max_ratio=5.0)
+    got = slm.generate(model, **ROWS, sampling=Greedy(), min_ratio=2.3, max_ratio=5.0)
     assert [len(g) for g in got] == [int(np.float32(len(t)) * np.float32(5.0)) for t in ROWS["texts"]]
     assert all(0 <= tok < S for g in got for tok in g)
 
@@ -281,10 +272,10 @@ def test_streaming_in_chunks_gives_the_same_tokens_as_one_call():
 def test_decode_loop_compiles_once_per_shape_bucket():
     model = tiny_model()
     slm.generate(model, [[1, 2, 3, 4]], key=jax.random.key(0))
-    before = slm._decode._cache_size()
+    before = decoding.decode._cache_size()
     # another text, prompt and key; same length buckets (prompt <= 32 positions, max_len <= 96)
     slm.generate(model, [[5, 6, 7, 8]], [[8]], [[9, 10]], key=jax.random.key(3))
-    assert slm._decode._cache_size() == before
+    assert decoding.decode._cache_size() == before
 
 
 def test_bad_ids_are_refused():
@@ -296,32 +287,50 @@ def test_bad_ids_are_refused():
 
 
 def test_empty_text_gives_no_tokens():
-    assert slm.generate(tiny_model(), [[]], sampling=slm.GREEDY) == [[]]
+    assert slm.generate(tiny_model(), [[]], sampling=Greedy()) == [[]]
 
 
 # ----------------------------------------------------------------------------- sampling
 
 
-def _draws(logp, history, cfg, n=200):
+def _draws(logp, recent, method, n=200):
     keys = jax.random.split(jax.random.key(0), n)
-    sample = jax.jit(jax.vmap(lambda k: slm.ras_sample(logp, history, k, cfg)[0]))
+    sample = jax.jit(jax.vmap(lambda k: method(logp, k, History(recent=recent))[0]))
     return np.asarray(sample(keys)).tolist()
 
 
 def test_ras_keeps_to_the_nucleus_and_bans_recent_repeats():
     logp = jnp.log(jnp.asarray([[0.5, 0.3, 0.1, 0.05, 0.05]]))
-    cfg = slm.RasConfig(top_p=0.75, top_k=25, win_size=10, tau_r=0.1)
+    ras = RepetitionAware(Nucleus(top_p=0.75, top_k=25, full_mass=True), window=10, tau_r=0.1)
     empty = jnp.full((1, 10), -1, jnp.int32)
-    draws = _draws(logp, empty, cfg)
+    draws = _draws(logp, empty, ras)
     assert set(draws) == {0, 1}  # 0.5 < 0.75 so token 1 joins; then 0.8 >= 0.75 stops
     assert abs(draws.count(0) / 200 - 0.5 / 0.8) < 0.1
     # top_k caps the nucleus
-    assert set(_draws(logp, empty, dataclasses.replace(cfg, top_k=1))) == {0}
+    top1 = dataclasses.replace(ras, inner=Nucleus(top_p=0.75, top_k=1, full_mass=True))
+    assert set(_draws(logp, empty, top1)) == {0}
     # a token seen in the window is redrawn from the full distribution without it
     recent = jnp.asarray([[-1] * 9 + [0]], jnp.int32)
-    redraws = _draws(logp, recent, dataclasses.replace(cfg, top_k=1))
+    redraws = _draws(logp, recent, top1)
     assert 0 not in redraws and set(redraws) >= {1, 2}
-    assert int(slm.ras_sample(logp, recent, jax.random.key(0), slm.GREEDY)[0]) == 0
+    assert int(RepetitionAware(Greedy())(logp, jax.random.key(0), History(recent=recent))[0]) in (1, 2, 3, 4)
+    assert int(Greedy()(logp, jax.random.key(0), History(recent=recent))[0]) == 0
+
+
+def test_cosyvoice_nucleus_measures_top_p_in_the_full_distribution():
+    # top-2 of [0.5, 0.3, 0.2]: in the full distribution 0.5 < 0.6 keeps token 1 too; within
+    # the renormalised top-2 (0.625, 0.375) 0.625 >= 0.6 keeps token 0 alone (transformers).
+    logp = jnp.log(jnp.asarray([[0.5, 0.3, 0.2]]))
+    empty = jnp.full((1, 1), -1, jnp.int32)
+    assert set(_draws(logp, empty, Nucleus(top_k=2, top_p=0.6, full_mass=True))) == {0, 1}
+    assert set(_draws(logp, empty, Nucleus(top_k=2, top_p=0.6))) == {0}
+
+
+def test_sampling_config_round_trips_and_reads_the_older_form():
+    cfg = tiny_config()
+    assert slm.SpeechTokenLMConfig.from_dict(cfg.to_dict()) == cfg
+    old = {**cfg.to_dict(), "sampling": {"greedy": False, "top_p": 0.7, "top_k": 20, "win_size": 8, "tau_r": 0.2}}
+    assert slm.SpeechTokenLMConfig.from_dict(old).sampling == slm.cosyvoice_ras(top_p=0.7, top_k=20, win_size=8, tau_r=0.2)
 
 
 # ----------------------------------------------------------------------------- bistream decoding
@@ -388,7 +397,7 @@ def test_bistream_decoding_equals_full_recompute(prompt_text, prompt_speech):
     model = tiny_model(seed=4, eos_bias=2.0)
     chunks = [[40, 41, 42], [43, 44, 45, 46], [47, 48, 49, 50, 51, 52], [53, 54]]
     got = []
-    for toks in slm.stream_bistream(model, chunks, prompt_text, prompt_speech, sampling=slm.GREEDY, max_ratio=4.0, capacity=64):
+    for toks in slm.stream_bistream(model, chunks, prompt_text, prompt_speech, sampling=Greedy(), max_ratio=4.0, capacity=64):
         got += toks
     want = naive_bistream(model, chunks, prompt_text, prompt_speech, 4.0)
     assert got == want

@@ -3,6 +3,7 @@ on a tiny random-weight release folder (hellochat_jax/talker_testing.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 
@@ -13,7 +14,8 @@ import soundfile as sf
 
 from hellochat_jax.cli import main as cli
 from hellochat_jax.components.cosyvoice2 import weights as release_lib
-from hellochat_jax.components.speech_lm import model as slm
+from hellochat_jax.core.decoding import Greedy
+from hellochat_jax.core.dsp import AudioError
 from hellochat_jax.pipelines.talker import Talker, TalkerError, VoicePrompt, flow_mel
 from hellochat_jax.testing.talker import make_tiny_release
 
@@ -101,24 +103,53 @@ def test_speak_cli_streams_into_a_wav_with_a_voice_prompt(folders, prompt_wav, t
 def test_batched_speech_tokens_equal_one_by_one(talker):
     texts = [talker.encode_text(t) for t in ("Hi", "Hey you")]
     key = jax.random.key(0)
-    batched = talker.speech_decoder(texts, None, key, slm.GREEDY).advance().result()
+    batched = talker.speech_decoder(texts, None, key, Greedy()).advance().result()
     for i, t in enumerate(texts):
-        one = talker.speech_decoder([t], None, key, slm.GREEDY).advance().result()
+        one = talker.speech_decoder([t], None, key, Greedy()).advance().result()
         assert batched[0][i, : batched[1][i]].tolist() == one[0][0, : one[1][0]].tolist()
 
 
 def test_audio_length_follows_the_tokens(talker, prompt_wav):
     key = jax.random.key(1)
     k_lm = jax.random.split(key, 3)[0]
-    tokens, lengths = talker.speech_decoder([talker.encode_text(t) for t in TEXTS], None, k_lm, slm.GREEDY).advance().result()
-    waves = talker.speak(TEXTS, key=key, sampling=slm.GREEDY)
+    tokens, lengths = talker.speech_decoder([talker.encode_text(t) for t in TEXTS], None, k_lm, Greedy()).advance().result()
+    waves = talker.speak(TEXTS, key=key, sampling=Greedy())
     assert [len(w) for w in waves] == [int(n) * 2 * FRAME for n in lengths]
     # streaming: the chunks add up to the utterance (here with a voice prompt)
     prompt = talker.make_prompt(prompt_wav, "a voice")
-    _, n = talker.speech_decoder([talker.encode_text(TEXTS[0])], prompt, k_lm, slm.GREEDY).advance().result()
-    chunks = list(talker.speak_stream(TEXTS[0], prompt, key=key, sampling=slm.GREEDY))
+    _, n = talker.speech_decoder([talker.encode_text(TEXTS[0])], prompt, k_lm, Greedy()).advance().result()
+    chunks = list(talker.speak_stream(TEXTS[0], prompt, key=key, sampling=Greedy()))
     assert sum(len(c) for c in chunks) == int(n[0]) * 2 * FRAME and len(chunks) >= 2
     assert all(np.isfinite(c).all() for c in chunks)  # cross-fades may pass the 0.99 clamp, as in the reference
+
+
+def test_streaming_chunks_do_not_recompile(talker):
+    """Flow rows and vocoder chunks are padded to a few shape buckets and the noise buffer has
+    one shape: once a first stream has built its programs, another stream compiles nothing."""
+    text = "Hello there, how are you today, my friend?"  # min 84 speech tokens: several chunks
+    first = list(talker.speak_stream(text, key=jax.random.key(3), sampling=Greedy()))
+    with count_compiles() as compiled:
+        again = list(talker.speak_stream(text.replace("H", "J"), key=jax.random.key(4), sampling=Greedy()))
+    assert len(first) >= 3 and len(again) >= 3
+    assert compiled == []
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Names of the XLA programs compiled inside the block (eager ops included)."""
+    from jax._src import dispatch
+
+    names: list[str] = []
+
+    def listen(event, duration, **kwargs):
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            names.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def test_zero_shot_prompt_features(talker):
@@ -175,19 +206,19 @@ def test_text_the_tokenizer_cannot_encode_is_refused(talker, tmp_path):
 
 
 def test_silent_prompt_is_refused(talker):
-    with pytest.raises(TalkerError, match="silent"):
+    with pytest.raises(AudioError, match="silent"):
         talker.make_prompt(np.zeros(16000, np.float32), "a voice", sample_rate=16000)
 
 
 def test_too_short_prompt_is_refused(talker):
-    with pytest.raises(TalkerError, match="too short"):
+    with pytest.raises(AudioError, match="too short"):
         talker.make_prompt(voice(0.3, 16000), "a voice", sample_rate=16000)
 
 
 def test_prompt_with_nan_samples_is_refused(talker):
     wav = voice(1.0, 16000)
     wav[100] = np.nan
-    with pytest.raises(TalkerError, match="NaN"):
+    with pytest.raises(AudioError, match="NaN"):
         talker.make_prompt(wav, "a voice", sample_rate=16000)
 
 
@@ -203,7 +234,7 @@ def test_release_folder_without_campplus_speaks_with_the_default_voice(folders, 
     t = Talker.load(tmp_path / "rel")
     with pytest.raises(TalkerError, match="campplus.onnx"):
         t.make_prompt(voice(1.0, 16000), "a voice", sample_rate=16000)
-    waves = t.speak(TEXTS, key=jax.random.key(0), sampling=slm.GREEDY)
+    waves = t.speak(TEXTS, key=jax.random.key(0), sampling=Greedy())
     assert all(len(w) > 0 for w in waves)
 
 

@@ -85,7 +85,7 @@ def _cli(tmp_path, capsys, *overrides):
 )
 def test_config_errors_are_reported_before_compute(tmp_path, capsys, override, message):
     code, err, elapsed = _cli(tmp_path, capsys, override)
-    assert code == 2
-    assert message in err
+    assert code == 1
+    assert err.startswith("error: ") and message in err
     assert elapsed < 10  # no model was built or compiled
     assert not (tmp_path / "run").exists()

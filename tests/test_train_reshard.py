@@ -24,7 +24,7 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
     raw, cfg = _cfg(tmp_path, data=2, fsdp=2, tensor=2)
     trainer = Trainer(cfg)
     assert trainer.fit() == 0
-    sharded = trainer.state_shardings["params"]["thinker"]["model"]["layers"][0]["mlp"]["gate_proj"]["kernel"]
+    sharded = trainer.state_shardings["params"]["thinker"]["decoder"]["model"]["layers"][0]["mlp"]["gate_proj"]["kernel"]
     assert sharded.spec == jax.sharding.PartitionSpec("fsdp", "tensor")  # really laid out on the mesh
 
     ckpt = Checkpointer(tmp_path / "run" / "checkpoints")

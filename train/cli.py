@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML file (configs/tiny.yaml, configs/hellochat-7b.yaml)")
+    parser.add_argument("--config", required=True, help="YAML file, or the name of a shipped config (tiny, hellochat-7b)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-3 mesh.data=2")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run's checkpoint dir")
     parser.add_argument("--plan", action="store_true",
@@ -20,21 +19,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from hellochat_jax.train import config as train_config
 
-    from hellochat_jax.core.config import ConfigError
+    # A ConfigError reaches the command line's one-line error report (hellochat_jax.cli.main).
+    cfg = train_config.load(args.config, args.overrides)
+    if args.plan:
+        from hellochat_jax.train.plan import print_plan
 
-    try:
-        cfg = train_config.load(args.config, args.overrides)
-        if args.plan:
-            from hellochat_jax.train.plan import print_plan
+        print_plan(cfg, args.plan_devices)
+        return 0
+    from hellochat_jax.train.trainer import Trainer
 
-            print_plan(cfg, args.plan_devices)
-            return 0
-        from hellochat_jax.train.trainer import Trainer
-
-        trainer = Trainer(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    trainer = Trainer(cfg)
     code = trainer.fit(resume=args.resume)
     summary = getattr(trainer, "summary", None)
     if summary:

@@ -12,12 +12,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+from hellochat_jax.components.hellochat.model import PARAM_GROUPS
 from hellochat_jax.components.qwen2.model import Qwen2Config
 from hellochat_jax.core import config as config_lib
 from hellochat_jax.core.config import ConfigError
 from hellochat_jax.core.sharding import MESH_AXES, MeshConfig
 
-GROUPS = ("encoder", "adapter", "thinker", "talker")
+GROUPS = tuple(PARAM_GROUPS)  # the names freezing, LoRA and init_from use
 
 
 @dataclasses.dataclass

@@ -152,7 +152,7 @@ def f1(pred: list[set[str]], gold: list[set[str]]) -> float:
 @functools.partial(jax.jit, static_argnums=0)
 def _embed(graphdef, state, ids, audio, lengths):
     model = nnx.merge(graphdef, state)
-    return model.thinker_inputs(ids, audio, lengths)
+    return model.thinker.embed_rows(ids, audio, lengths)
 
 
 class Evaluator:
@@ -218,7 +218,7 @@ class Evaluator:
                 lengths[i, 0] = len(r["clip"])
             embeds = _embed(graphdef, state, jnp.asarray(ids), jnp.asarray(audio), jnp.asarray(lengths))
             tokens, lens = gen.generate(
-                model.thinker, ids, mask, inputs_embeds=embeds, max_new_tokens=self.max_new_tokens,
+                model.thinker.decoder, ids, mask, inputs_embeds=embeds, max_new_tokens=self.max_new_tokens,
                 stop_tokens=(self.chat.im_end, self.chat.endoftext), pad_id=pad, mesh=self.trainer.mesh,
             )
             for i in range(min(b, len(rows) - start)):

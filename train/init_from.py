@@ -1,15 +1,17 @@
-"""Starting components from converted checkpoints (`hellochat convert ...` output).
+"""Starting parameter groups from converted checkpoints or model folders.
 
     model.init_from:
-      thinker: ckpt/qwen2.5-7b           # a qwen2 checkpoint, or a midashenglm one (its decoder)
-      encoder: ckpt/midashenglm-7b       # dasheng, or midashenglm (its audio_encoder)
-      adapter: ckpt/midashenglm-7b       # midashenglm (its audio_projector)
-      talker:  ckpt/cosyvoice2-llm       # cosyvoice2-llm
+      thinker: ckpt/qwen2.5-7b           # a qwen2 checkpoint, a midashenglm one, or a model folder
+      encoder: ckpt/midashenglm-7b       # dasheng, midashenglm or a model folder
+      adapter: ckpt/midashenglm-7b       # midashenglm or a model folder
+      talker:  ckpt/cosyvoice2-llm       # cosyvoice2-llm or a model folder
 
-Variables are matched by path inside the component; a missing, extra or mis-shaped one is an
-error naming it (LoRA adapters are new, so never expected). The loaded arrays are already on
-the mesh (`models.load_checkpoint` restores onto it) and are placed onto the train state's
-shardings.
+A group is the path prefix `hellochat.PARAM_GROUPS[group]` of our model (e.g. `thinker.decoder`
+for `thinker`). The checkpoint (`load_model_folder`) holds the same variables under that prefix
+or under a trailing part of it: a model folder under the whole prefix, a midashenglm
+checkpoint under `decoder`, a qwen2 one at its root. Variables are then matched by path; a
+missing, extra or mis-shaped one is an error naming it (LoRA adapters are new, so never
+expected). The loaded arrays are placed onto the train state's shardings.
 """
 
 from __future__ import annotations
@@ -19,47 +21,52 @@ from typing import Any
 import jax
 from flax import nnx
 
+from hellochat_jax.components.hellochat.model import PARAM_GROUPS
 from hellochat_jax.core.config import ConfigError
 
-# (checkpoint component, our group) -> the sub-tree of the checkpoint's module that fills it
-SOURCES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("qwen2", "thinker"): (),
-    ("midashenglm", "thinker"): ("decoder",),
-    ("midashenglm", "encoder"): ("audio_encoder",),
-    ("midashenglm", "adapter"): ("audio_projector",),
-    ("dasheng", "encoder"): (),
-    ("cosyvoice2-llm", "talker"): (),
-}
+
+def _dotted(path: tuple) -> str:
+    return ".".join(map(str, path))
+
+
+def group_variables(module: nnx.Module, prefix: tuple[str, ...]) -> dict[tuple, nnx.Variable]:
+    """The variables of `module` under the longest trailing part of `prefix` it has, keyed by
+    their path below it (the whole module when it has none: a bare component)."""
+    flat = [(tuple(str(p) for p in path), var) for path, var in nnx.to_flat_state(nnx.state(module))]
+    for start in range(len(prefix) + 1):
+        sub = prefix[start:]
+        found = {path[len(sub):]: var for path, var in flat if path[: len(sub)] == sub}
+        if found:
+            return found
+    return {}
 
 
 def load_groups(trainer, state: dict[str, Any]) -> dict[str, Any]:
     """Overwrites the named groups of a fresh train state (in place) and returns it."""
-    from hellochat_jax.checkpoint.load import load_checkpoint
+    from hellochat_jax.checkpoint.folder import load_model_folder
 
     for group, ckpt_dir in trainer.cfg.model.init_from.items():
-        component, _, module = load_checkpoint(ckpt_dir, trainer.mesh, trainer.rules)
-        if (component, group) not in SOURCES:
-            known = sorted(c for c, g in SOURCES if g == group)
-            raise ConfigError(f"model.init_from.{group}: a {component!r} checkpoint cannot fill it; use one of {known}")
-        prefix = SOURCES[(component, group)]
-        theirs = {path[len(prefix):]: var for path, var in nnx.to_flat_state(nnx.state(module)) if path[: len(prefix)] == prefix}
+        prefix = PARAM_GROUPS[group]
+        source = load_model_folder(ckpt_dir, trainer.mesh, trainer.rules).model
+        theirs = group_variables(source, prefix)
         missing = []
         for part in ("params", "rest"):
             for path, var in nnx.to_flat_state(state[part]):
-                if path[0] != group or isinstance(var, nnx.LoRAParam):  # adapters are new
+                path = tuple(str(p) for p in path)
+                if path[: len(prefix)] != prefix or isinstance(var, nnx.LoRAParam):  # adapters are new
                     continue
-                have = theirs.pop(path[1:], None)
+                have = theirs.pop(path[len(prefix):], None)
                 if have is None:
-                    missing.append(".".join(map(str, path[1:])))
+                    missing.append(_dotted(path[len(prefix):]))
                     continue
                 old = var.get_value()
                 if tuple(have.shape) != tuple(old.shape):
-                    raise ConfigError(f"model.init_from.{group}: {'.'.join(map(str, path[1:]))} has shape "
+                    raise ConfigError(f"model.init_from.{group}: {_dotted(path[len(prefix):])} has shape "
                                       f"{tuple(have.shape)} in {ckpt_dir}, the model wants {tuple(old.shape)}")
                 var.set_value(jax.device_put(have.get_value().astype(old.dtype), old.sharding))
         if missing or theirs:
             raise ConfigError(
-                f"model.init_from.{group} ({ckpt_dir}) does not fit the model: missing from the checkpoint "
-                f"{missing[:8]}, unexpected {['.'.join(map(str, k)) for k in list(theirs)[:8]]}"
+                f"model.init_from.{group} ({ckpt_dir}) does not fit the model's {_dotted(prefix)}: missing from the "
+                f"checkpoint {missing[:8]}, unexpected {[_dotted(k) for k in list(theirs)[:8]]}"
             )
     return state

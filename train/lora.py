@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hellochat_jax.components.hellochat.model import group_of
 from hellochat_jax.core.layers import Linear
 
 
@@ -43,11 +44,11 @@ class LoRALinear(nnx.Module):
 
 
 def add_lora(model: nnx.Module, groups: Sequence[str], targets: Sequence[str], rank: int, alpha: float, rngs: nnx.Rngs) -> int:
-    """Wraps every Linear named in `targets` inside the given top-level groups; returns how many."""
+    """Wraps every Linear named in `targets` inside the given parameter groups; returns how many."""
     found = [
         (path, node)
         for path, node in nnx.iter_graph(model)
-        if isinstance(node, Linear) and path and str(path[0]) in groups and str(path[-1]) in targets
+        if isinstance(node, Linear) and group_of(path) in groups and str(path[-1]) in targets
     ]
     for path, node in found:
         parent = model
@@ -70,6 +71,6 @@ def trainable_filter(frozen_groups: Sequence[str], lora_groups: Sequence[str]):
             return True
         if not isinstance(var, nnx.Param):
             return False
-        return str(path[0]) not in frozen
+        return group_of(path) not in frozen
 
     return keep

@@ -6,8 +6,10 @@ depends only on masks, so summing the micro-batches' gradients gives exactly the
 one big batch, whatever `grad_accum` is.
 
     thinker: next-token cross-entropy on assistant tokens (loss_mask), per task
-    talker:  speech-token cross-entropy on speech targets (!= -1), length-normalised as in
-             CosyVoice 2
+    talker:  the speech LM's own loss terms (`speech_lm.model.speech_token_terms`: label
+             smoothing `lsm_weight`, verified against CosyVoice 2) on speech targets (!= -1),
+             normalised by their count (`length_normalized_loss`) or by the rows that have any
+             (as CosyVoice 2 divides by its batch size)
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from hellochat_jax.components.speech_lm.model import speech_token_terms
 
 IGNORE_ID = -1
 
@@ -44,19 +48,22 @@ class Objective:
         self.num_tasks = num_tasks
         self.talker_weight = talker_weight
         self.cross_entropy = remat_cross_entropy if remat else token_cross_entropy
+        self.speech_terms = jax.checkpoint(speech_token_terms, static_argnums=(2,)) if remat else speech_token_terms
 
     def normalizers(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """From the stacked step batch [accum, rows, ...]."""
         out = {"thinker": jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)}
         if "speech_targets" in batch:
-            out["talker"] = jnp.maximum(jnp.sum(batch["speech_targets"] != IGNORE_ID).astype(jnp.float32), 1.0)
+            speech = batch["speech_targets"] != IGNORE_ID
+            out["talker"] = jnp.maximum(jnp.sum(speech).astype(jnp.float32), 1.0)
+            out["talker_rows"] = jnp.maximum(jnp.sum(jnp.any(speech, axis=-1)).astype(jnp.float32), 1.0)
         return out
 
     def __call__(self, model, batch: dict[str, jax.Array], key: jax.Array, norms: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, Any]]:
         """One micro-batch -> (its share of the step loss, summed statistics)."""
         del key  # no stochastic layers yet; kept so dropout or flow-matching noise can use it
-        embeds = model.thinker_inputs(batch["input_ids"], batch.get("audio"), batch.get("audio_lengths"))
-        logits, _ = model.thinker(inputs_embeds=embeds, attention_mask=batch["segment_ids"], positions=batch["positions"])
+        embeds = model.thinker.embed_rows(batch["input_ids"], batch.get("audio"), batch.get("audio_lengths"))
+        logits, _ = model.thinker.decoder(inputs_embeds=embeds, attention_mask=batch["segment_ids"], positions=batch["positions"])
         ce, correct = self.cross_entropy(logits, batch["targets"])
         mask = batch["loss_mask"].astype(jnp.float32)
         onehot = jax.nn.one_hot(batch["task_id"], self.num_tasks, dtype=jnp.float32) * mask[..., None]
@@ -72,12 +79,19 @@ class Objective:
             stats["skipped_records"] = jnp.sum(batch["bad_records"] + batch["too_long"]).astype(jnp.float32)
         loss = stats["thinker_ce"] / norms["thinker"]
         if "talker" in norms and model.talker is not None:
-            s_logits, _ = model.talker(batch["speech_ids"], batch["speech_kinds"])
-            s_targets = batch["speech_targets"]
-            s_ce, s_correct = self.cross_entropy(s_logits, s_targets)
-            s_mask = (s_targets != IGNORE_ID).astype(jnp.float32)
-            stats["talker_ce"] = jnp.sum(s_ce * s_mask)
-            stats["talker_tokens"] = jnp.sum(s_mask)
-            stats["talker_correct"] = jnp.sum(s_correct * s_mask)
-            loss = loss + self.talker_weight * stats["talker_ce"] / norms["talker"]
+            talker_loss, talker_stats = self.talker_loss(model.talker, batch, norms)
+            stats.update(talker_stats)
+            loss = loss + self.talker_weight * talker_loss
         return loss, stats
+
+    def talker_loss(self, talker, batch: dict[str, jax.Array], norms: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The speech LM's loss on one micro-batch (its share of the step's), as its config says."""
+        logits, _ = talker(batch["speech_ids"], batch["speech_kinds"])
+        terms, correct, valid = self.speech_terms(logits, batch["speech_targets"], talker.cfg.lsm_weight)
+        stats = {
+            "talker_ce": jnp.sum(terms),  # label-smoothed when lsm_weight > 0
+            "talker_tokens": jnp.sum(valid).astype(jnp.float32),
+            "talker_correct": jnp.sum(correct).astype(jnp.float32),
+        }
+        norm = norms["talker"] if talker.cfg.length_normalized_loss else norms["talker_rows"]
+        return stats["talker_ce"] / norm, stats

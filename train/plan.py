@@ -28,6 +28,7 @@ from hellochat_jax.train.losses import Objective
 from hellochat_jax.train.model import build
 from hellochat_jax.train.optim import make_optimizer
 
+from hellochat_jax.components.hellochat.model import group_of
 from hellochat_jax.core import sharding as shd
 
 GiB = 1024**3
@@ -62,7 +63,8 @@ def _saved_residuals(fn, *args) -> list:
 def _by_group(state, mesh, rules) -> dict[str, float]:
     out: dict[str, float] = {}
     for path, var in nnx.to_flat_state(state):
-        out[str(path[0])] = out.get(str(path[0]), 0.0) + _nbytes(var) / _ways(var, mesh, rules)
+        group = str(group_of(path))
+        out[group] = out.get(group, 0.0) + _nbytes(var) / _ways(var, mesh, rules)
     return out
 
 

@@ -18,6 +18,7 @@ the run with a checkpoint of the last good state.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import threading
@@ -206,7 +207,7 @@ class Trainer:
             return state
         from hellochat_jax.components.dasheng import model as dasheng
 
-        enc_cfg = self.model(state).encoder.cfg
+        enc_cfg = self.model(state).thinker.audio_encoder.cfg
         iterator = self.data.iterator()  # a fresh one: the training stream is untouched
         batch = self.batch([next(iterator) for _ in range(self.cfg.optim.grad_accum)])
 
@@ -222,7 +223,7 @@ class Trainer:
             return mean, var
 
         mean, var = jax.jit(statistics)(batch["audio"], batch["audio_lengths"])
-        bn = state["rest"]["encoder"]["init_bn"]
+        bn = state["rest"]["thinker"]["audio_encoder"]["init_bn"]
         for name, value in (("mean", mean), ("var", var)):
             old = bn[name].get_value()
             bn[name].set_value(jax.device_put(value.astype(old.dtype), old.sharding))
@@ -285,7 +286,8 @@ class Trainer:
         if _in_main_thread():
             signal.signal(signal.SIGTERM, on_sigterm)
 
-        meta = {"mesh": dict(self.mesh.shape), "tasks": list(self.data.task_names)}
+        # The whole config rides along, so `hellochat export` can rebuild the model from a step.
+        meta = {"mesh": dict(self.mesh.shape), "tasks": list(self.data.task_names), "config": dataclasses.asdict(cfg)}
         pending = None  # (step, device metrics, data wait): read one step late so dispatch overlaps compute
         exit_code = EXIT_OK
         last_time = time.perf_counter()

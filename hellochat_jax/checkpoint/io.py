@@ -23,9 +23,10 @@ import numpy as np
 from flax import nnx
 
 from hellochat_jax.core import sharding as shd
+from hellochat_jax.core.errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that does not fit the model: names the offending keys."""
 
 
@@ -282,23 +283,45 @@ class DictSource(TensorSource):
         return np.asarray(self._t[key])
 
 
-class PrefixedSource(TensorSource):
-    """A view of another source: only keys under ``prefix``, with the prefix removed."""
+class RenamedSource(TensorSource):
+    """A view of another source under other key names: ``names`` maps each view key to the
+    source key it reads (keys left out of ``names`` are not in the view)."""
 
-    def __init__(self, source: TensorSource, prefix: str):
-        self.source, self.prefix = source, prefix
+    def __init__(self, source: TensorSource, names: Mapping[str, str]):
+        self.source, self.names = source, dict(names)
 
     def keys(self):
-        return [k[len(self.prefix):] for k in self.source.keys() if k.startswith(self.prefix)]
+        return list(self.names)
 
     def shape(self, key):
-        return self.source.shape(self.prefix + key)
+        return self.source.shape(self.names[key])
 
     def nbytes(self, key):
-        return self.source.nbytes(self.prefix + key)
+        return self.source.nbytes(self.names[key])
 
     def get(self, key):
-        return self.source.get(self.prefix + key)
+        return self.source.get(self.names[key])
+
+
+def prefixed_source(source: TensorSource, prefix: str) -> RenamedSource:
+    """Only the keys under ``prefix``, with the prefix removed."""
+    return RenamedSource(source, {k[len(prefix):]: k for k in source.keys() if k.startswith(prefix)})
+
+
+def stripped_source(source: TensorSource, prefix: str) -> RenamedSource:
+    """Every key, with ``prefix`` removed from those that start with it."""
+    return RenamedSource(source, {k.removeprefix(prefix): k for k in source.keys()})
+
+
+def drop_tied_copy(source: TensorSource, copy_key: str, of_key: str, what: str) -> TensorSource:
+    """A tied weight some releases still store twice: the copy must equal the original, and is
+    then left out (the model holds one tensor)."""
+    keys = source.keys()
+    if copy_key not in keys:
+        return source
+    if of_key in keys and not np.array_equal(source.get(copy_key), source.get(of_key)):
+        raise CheckpointError(f"{what}: the weights are tied but {copy_key} differs from {of_key}")
+    return RenamedSource(source, {k: k for k in keys if k != copy_key})
 
 
 # ----------------------------------------------------------------------------- HF configs
@@ -438,6 +461,11 @@ def _defaults_for(abstract, graphdef, targets, values, shardings):
     return {p: jax.device_put(flat[p].get_value(), shardings[p]) for p in targets if p not in values}
 
 
+def abstract_module(module_cls: Callable[..., nnx.Module], cfg: Any) -> nnx.Module:
+    """``module_cls(cfg)``'s structure with shape-only leaves: what `load_into` fills."""
+    return shd.abstract_model(lambda: module_cls(cfg, rngs=nnx.Rngs(0)))
+
+
 def abstract_with_factory(factory: Callable[[], nnx.Module]) -> nnx.Module:
     """``nnx.eval_shape(factory)`` that remembers the factory (for optional defaults)."""
     abstract = shd.abstract_model(factory)
@@ -494,6 +522,43 @@ def save_safetensors(tensors: Iterable[tuple[str, np.ndarray]], path: str | os.P
     )
 
 
+def save_hf_folder(tensors: Iterable[tuple[str, np.ndarray]], hf_config: Mapping[str, Any], path: str | os.PathLike, *, max_shard_bytes: int | None = None) -> Path:
+    """An HF folder: config.json + model.safetensors (sharded with an index if asked)."""
+    path = Path(path)
+    save_safetensors(tensors, path, max_shard_bytes=max_shard_bytes)
+    (path / "config.json").write_text(json.dumps(dict(hf_config), indent=2))
+    return path
+
+
+def to_torch(x: np.ndarray):
+    """A host array as a torch tensor (bfloat16 kept; torch refuses read-only buffers)."""
+    import torch
+
+    x = np.array(x, copy=True, order="C")
+    if x.dtype.name == "bfloat16":
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(x)
+
+
+def torch_state_dict(tensors: Mapping[str, Any], order: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """A torch state dict from exported tensors, keys sorted by ``order`` (a release's own
+    state-dict order, so its file compares equal key by key); torch tensors pass unchanged."""
+    import torch
+
+    keys = sorted(tensors, key=order) if order is not None else list(tensors)
+    return {k: tensors[k] if isinstance(tensors[k], torch.Tensor) else to_torch(tensors[k]) for k in keys}
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save to ``path``, creating its folder."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, path)
+    return path
+
+
 # ----------------------------------------------------------------------------- orbax
 
 
@@ -524,7 +589,13 @@ def read_meta(ckpt_dir: str | os.PathLike) -> dict:
     meta = Path(ckpt_dir) / META_FILE
     if not meta.exists():
         raise CheckpointError(f"{ckpt_dir}: not a hellochat checkpoint (no {META_FILE}); convert it first with `hellochat convert`")
-    return json.loads(meta.read_text())
+    try:
+        data = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta}: corrupt ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("component"), str) or not isinstance(data.get("config"), dict):
+        raise CheckpointError(f"{meta}: corrupt (want a JSON object with \"component\" and \"config\")")
+    return data
 
 
 def restore_orbax(abstract: nnx.Module, ckpt_dir: str | os.PathLike, mesh: jax.sharding.Mesh, rules: shd.Rules = shd.DEFAULT_RULES) -> nnx.Module:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -33,14 +34,30 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config)
 
 
-def load_checkpoint(ckpt_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, rules: shd.Rules = shd.DEFAULT_RULES, **overrides: Any):
-    """(component, config, module) restored from a converted checkpoint onto `mesh`."""
-    from hellochat_jax.checkpoint.io import read_meta, restore_orbax
+def load_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: shd.Rules = shd.DEFAULT_RULES,
+    *,
+    component: str | None = None,
+    **overrides: Any,
+) -> tuple[str, Any, nnx.Module]:
+    """(component, config, module) restored from a converted checkpoint onto `mesh`;
+    `component`, when given, is the one the caller needs (another is refused by name)."""
+    from hellochat_jax.checkpoint.io import CheckpointError, abstract_module, read_meta, restore_orbax
 
     meta = read_meta(ckpt_dir)
-    component = meta["component"]
-    config = config_from_dict(component, meta["config"], **overrides)
-    _, module_cls = classes(component)
+    found = meta["component"]
+    if component is not None and found != component:
+        raise CheckpointError(f"{ckpt_dir}: holds a {found!r} checkpoint, not {component!r}")
+    config = config_from_dict(found, meta["config"], **overrides)
+    _, module_cls = classes(found)
     mesh = mesh if mesh is not None else shd.make_mesh()
-    abstract = shd.abstract_model(lambda: module_cls(config, rngs=nnx.Rngs(0)))
-    return component, config, restore_orbax(abstract, ckpt_dir, mesh, rules)
+    return found, config, restore_orbax(abstract_module(module_cls, config), ckpt_dir, mesh, rules)
+
+
+def save_checkpoint(module: nnx.Module, config: Any, out_dir: str | os.PathLike, component: str) -> Path:
+    """A converted checkpoint (Orbax state + hellochat.json) that `load_checkpoint` restores."""
+    from hellochat_jax.checkpoint.io import save_orbax
+
+    return save_orbax(module, out_dir, component=component, config=config_to_dict(config))

@@ -1,4 +1,5 @@
-"""`hellochat data build synth [--size N]` and `hellochat data build manifest --manifest m.jsonl`.
+"""`hellochat data build synth [--size N]`, `hellochat data build manifest --manifest m.jsonl` and
+`hellochat data clip --split test --index 0 --out clip.wav` (one record as a WAV, with its labels).
 
 Each build writes TFDS ArrayRecord files plus a `tokenizer/` folder (a byte-level BPE trained on
 the dataset's text, with the Qwen chat special tokens) next to them, and prints where they went.
@@ -7,7 +8,6 @@ the dataset's text, with the Qwen chat special tokens) next to them, and prints 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -32,6 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--data_dir", default=None, help="default: $TFDS_DATA_DIR or ~/tensorflow_datasets")
         p.add_argument("--vocab_size", type=int, default=1024, help="vocabulary of the BPE trained on the text")
         p.add_argument("--overwrite", action="store_true", help="rebuild even if already built")
+
+    c = sub.add_parser("clip", help="write one record's audio to a WAV file and print its labels")
+    c.add_argument("--dataset", default="hellochat_synth", help="\"name[/config]\" under the data dir, or a built dataset folder")
+    c.add_argument("--data_dir", default=None, help="default: $TFDS_DATA_DIR or ~/tensorflow_datasets")
+    c.add_argument("--split", default="test")
+    c.add_argument("--index", type=int, default=0)
+    c.add_argument("--out", required=True, help="WAV file to write (16 kHz mono)")
 
 
 def _report(builder, tokenizer_dir: Path) -> None:
@@ -110,9 +117,34 @@ def build_manifest(manifest: str | Path, data_dir: str | None = None, *, name: s
     return builder
 
 
+def write_clip(dataset: str, split: str, index: int, out: str | Path, data_dir: str | None = None):
+    """Writes record `index` of `split` as a 16 kHz WAV; returns the decoded record (its labels)."""
+    import soundfile as sf
+
+    from hellochat_jax.core.errors import UserError
+    from hellochat_jax.data import builders, pipeline
+
+    try:
+        source = builders.open_source(dataset, split, data_dir)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if not 0 <= index < len(source):
+        raise UserError(f"--index {index}: the {split} split has {len(source)} records")
+    example = pipeline.decode(source[index])
+    if isinstance(example, pipeline.Skipped):
+        raise UserError(f"record {index} of {split} is unusable: {example}")
+    sf.write(str(out), example.audio, pipeline.SAMPLE_RATE)
+    return example
+
+
 def main(args: argparse.Namespace) -> int:
     from hellochat_jax.data import builders
 
+    if args.data_command == "clip":
+        ex = write_clip(args.dataset, args.split, args.index, args.out, args.data_dir)
+        print(f"wrote {args.out}: {args.split} record {args.index} ({len(ex.audio) / 16000:.2f} s)")
+        print(f"  transcript: {ex.transcript}\n  emotion:    {ex.emotion}\n  events:     {', '.join(ex.events)}")
+        return 0
     start = time.time()
     if args.kind == "synth":
         if args.tiny:
@@ -122,12 +154,9 @@ def main(args: argparse.Namespace) -> int:
         builder = build_synth(config, args.data_dir, workers=args.workers, vocab_size=args.vocab_size,
                               overwrite=args.overwrite)  # fmt: skip
     else:
-        try:
-            builder = build_manifest(args.manifest, args.data_dir, name=args.name, skip_bad=args.skip_bad,
-                                     vocab_size=args.vocab_size, overwrite=args.overwrite)  # fmt: skip
-        except builders.ManifestError as e:
-            print(e, file=sys.stderr)
-            return 2
+        # A ManifestError (every problem listed) reaches the command line's error report.
+        builder = build_manifest(args.manifest, args.data_dir, name=args.name, skip_bad=args.skip_bad,
+                                 vocab_size=args.vocab_size, overwrite=args.overwrite)  # fmt: skip
         if builder.skipped:
             print(f"left out {len(builder.skipped)} manifest line(s) (--skip_bad):")
             for problem in builder.skipped:

@@ -1,16 +1,20 @@
-"""`hellochat generate`: chat with the thinker from a converted checkpoint (or an HF folder)."""
+"""`hellochat generate`: chat with the thinker of a model folder (`hellochat export`, `hellochat
+convert`), an older converted checkpoint, or an HF folder."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 from hellochat_jax.core import sharding as shd
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="converted checkpoint (hellochat convert) or an HF Qwen2 folder")
-    p.add_argument("--tokenizer", required=True, help="local tokenizer folder (tokenizer.json + tokenizer_config.json)")
+    p.add_argument("--model", "--checkpoint", dest="model", required=True,
+                   help="model folder (hellochat export / convert), converted checkpoint, or an HF Qwen2 folder")
+    p.add_argument("--tokenizer", default=None, help="local tokenizer folder (default: the model folder's)")
     p.add_argument("--prompt", action="append", required=True, help="user message; repeat for a batch")
     p.add_argument("--system", default=None, help="optional system message")
     add_sampling_arguments(p)
@@ -29,29 +33,50 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_from_args(args: argparse.Namespace):
-    from hellochat_jax.core.decoding import SamplingConfig
+    from hellochat_jax.core.decoding import sampling_method
 
-    return SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    try:
+        return sampling_method(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 # component -> module whose load(path, mesh) reads the HF-style release folder
 HF_LOADERS = {"qwen2": "hellochat_jax.components.qwen2.weights", "midashenglm": "hellochat_jax.components.midashenglm.weights"}
 
 
-def load_model(path: str, mesh, component: str):
-    """A converted checkpoint or an HF-style folder of `component`, whichever `path` is."""
+@dataclasses.dataclass
+class LoadedThinker:
+    cfg: Any  # Qwen2Config (text) or MiDashengLMConfig (audio)
+    model: Any  # Qwen2Thinker or MiDashengLM
+    tokenizer_dir: Path | None  # the folder's own tokenizer, if it has one
+    system: str | None  # the system prompt the model was trained with ("" = none), if recorded
+
+
+def load_model(path: str, mesh, component: str) -> LoadedThinker:
+    """The thinker of a model folder (or older converted checkpoint, via `load_model_folder`)
+    or of an HF-style folder, whichever `path` is: its decoder alone for `component` "qwen2",
+    the whole MiDashengLM (encoder required) for "midashenglm"."""
     import importlib
 
     from hellochat_jax.checkpoint.io import META_FILE
 
-    if (Path(path) / META_FILE).exists():
-        from hellochat_jax.checkpoint.load import load_checkpoint
+    if not (Path(path) / META_FILE).exists() and not (Path(path) / "state").is_dir():  # an HF folder
+        cfg, model = importlib.import_module(HF_LOADERS[component]).load(path, mesh)
+        return LoadedThinker(cfg, model, Path(path), None)
+    from hellochat_jax.checkpoint.folder import load_model_folder, thinker_module
 
-        found, cfg, model = load_checkpoint(path, mesh)
-        if found != component:
-            raise SystemExit(f"{path} holds a {found} checkpoint; this command needs a {component} one")
-        return cfg, model
-    return importlib.import_module(HF_LOADERS[component]).load(path, mesh)
+    bundle = load_model_folder(path, mesh)
+    cfg, model = thinker_module(bundle, component)
+    return LoadedThinker(cfg, model, bundle.tokenizer_dir("thinker"), bundle.system_prompt)
+
+
+def tokenizer_folder(args_tokenizer: str | None, loaded: LoadedThinker, model_path: str) -> str:
+    if args_tokenizer is not None:
+        return args_tokenizer
+    if loaded.tokenizer_dir is None:
+        raise SystemExit(f"error: {model_path} has no tokenizer folder; pass --tokenizer")
+    return str(loaded.tokenizer_dir)
 
 
 def load_tokenizer(path: str):
@@ -91,9 +116,11 @@ def main(args: argparse.Namespace) -> int:
     from hellochat_jax.core.decoding import generate, left_pad
 
     mesh = shd.make_mesh(shd.parse_mesh_arg(args.mesh))
-    cfg, model = load_model(args.checkpoint, mesh, "qwen2")
-    tokenizer = load_tokenizer(args.tokenizer)
-    prompts = encode_chat(tokenizer, args.prompt, args.system, args.raw)
+    loaded = load_model(args.model, mesh, "qwen2")
+    model = loaded.model
+    tokenizer = load_tokenizer(tokenizer_folder(args.tokenizer, loaded, args.model))
+    system = args.system if args.system is not None else loaded.system
+    prompts = encode_chat(tokenizer, args.prompt, system or None, args.raw)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask = left_pad(prompts, pad_id=pad, multiple=16)
     sampling = sampling_from_args(args)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--talker", required=True, help="converted talker folder or CosyVoice 2 release folder")
+    p.add_argument("--talker", "--model", dest="talker", required=True,
+                   help="model folder with a talker, converted talker folder, or CosyVoice 2 release folder")
     p.add_argument("--text", required=True, action="append", help="text to speak (repeat for a batch)")
     p.add_argument("--prompt-wav", default=None, help="voice prompt audio (any rate; 0.5-30 s of speech)")
     p.add_argument("--prompt-text", default=None, help="transcript of the voice prompt")
@@ -44,8 +45,8 @@ def main(args: argparse.Namespace) -> int:
     import soundfile as sf
 
     from hellochat_jax.checkpoint.io import CheckpointError
-    from hellochat_jax.components.speech_lm import model as slm
     from hellochat_jax.core import sharding as shd
+    from hellochat_jax.core.decoding import Greedy
     from hellochat_jax.pipelines.talker import Talker, TalkerError
 
     if bool(args.prompt_wav) != bool(args.prompt_text):
@@ -59,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         talker = Talker.load(args.talker, mesh, dtype=args.dtype, progress=True)
         print(f"loaded talker from {args.talker} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
-        sampling = slm.GREEDY if args.greedy else None
+        sampling = Greedy() if args.greedy else None  # None: the checkpoint's own (CosyVoice 2's RAS)
         key = jax.random.key(args.seed)
         prompt = talker.make_prompt(args.prompt_wav, args.prompt_text) if args.prompt_wav else None
         paths = output_paths(args.out, len(args.text))

@@ -15,11 +15,15 @@ DEFAULT_PROMPT = "Caption the audio."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="converted midashenglm checkpoint (hellochat convert midashenglm) or an HF MiDashengLM folder")
-    p.add_argument("--tokenizer", required=True, help="local tokenizer folder with the Qwen2.5 chat and audio special tokens")
+    p.add_argument("--model", "--checkpoint", dest="model", required=True,
+                   help="model folder (hellochat export / convert midashenglm), converted checkpoint, or an HF MiDashengLM folder")
+    p.add_argument("--tokenizer", default=None,
+                   help="local tokenizer folder with the Qwen2.5 chat and audio special tokens (default: the model folder's)")
     p.add_argument("--audio", nargs="+", required=True, help="audio files (wav, flac, ogg, mp3; any rate and channel count)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"instruction after the audio (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--system", default=None, help="system message (default: MiDashengLM's)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help=f"instruction after the audio; repeat to ask several (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--system", default=None,
+                   help='system message; "" for none (default: the one the model folder was trained with, else MiDashengLM\'s)')
     p.add_argument("--batch-size", type=int, default=8)
     add_sampling_arguments(p)
     p.add_argument("--per-sample-top-db", action="store_true",
@@ -29,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(path: str, mesh):
-    """A converted checkpoint or an HF MiDashengLM folder, whichever ``path`` is."""
+    """The MiDashengLM of a model folder, converted checkpoint or HF folder (`generate.LoadedThinker`)."""
     from hellochat_jax.cli.generate import load_model as load
 
     return load(path, mesh, "midashenglm")
@@ -53,7 +57,11 @@ def load_tokenizer(path: str):
 def main(args: argparse.Namespace) -> int:
     import jax
 
-    from hellochat_jax.cli.generate import sampling_from_args, stop_ids
+    from hellochat_jax.cli.generate import (
+        sampling_from_args,
+        stop_ids,
+        tokenizer_folder,
+    )
     from hellochat_jax.components.midashenglm import model as midashenglm
     from hellochat_jax.core import dsp as audio_io
     from hellochat_jax.pipelines.thinker import (
@@ -70,23 +78,27 @@ def main(args: argparse.Namespace) -> int:
         try:
             clips.append((path, audio_io.load(path)))
         except audio_io.AudioError as e:
-            print(f"ERROR: {e}", file=sys.stderr)  # the message names the file
+            print(f"error: {e}", file=sys.stderr)  # the message names the file
             failed += 1
     if not clips:
         return 1
 
     mesh = shd.make_mesh(shd.parse_mesh_arg(args.mesh))
-    cfg, model = load_model(args.checkpoint, mesh)
+    loaded = load_model(args.model, mesh)
+    cfg, model = loaded.cfg, loaded.model
     if args.per_sample_top_db:
         cfg = midashenglm.with_encoder_options(model, top_db_per_sample=True)
-    tokenizer = load_tokenizer(args.tokenizer)
-    processor = MiDashengLMProcessor(tokenizer, audio_token_id=cfg.audio_token_id, system=args.system or DEFAULT_SYSTEM)
+    tokenizer = load_tokenizer(tokenizer_folder(args.tokenizer, loaded, args.model))
+    # The model's own convention first: a model trained without a system prompt is asked without one.
+    system = next(s for s in (args.system, loaded.system, DEFAULT_SYSTEM) if s is not None)
+    processor = MiDashengLMProcessor(tokenizer, audio_token_id=cfg.audio_token_id, system=system or None)
+    prompts = args.prompt or [DEFAULT_PROMPT]
     sampling = sampling_from_args(args)
     key = jax.random.key(args.seed)
     max_positions = cfg.text.max_position_embeddings
-    for start in range(0, len(clips), args.batch_size):
+    for prompt, start in ((p, s) for s in range(0, len(clips), args.batch_size) for p in prompts):
         group = clips[start : start + args.batch_size]
-        batch = processor([[user_turn(args.prompt, wav)] for _, wav in group])
+        batch = processor([[user_turn(prompt, wav)] for _, wav in group])
         if batch.input_ids.shape[1] + args.max_new_tokens > max_positions:
             longest = max(len(w) for _, w in group) / audio_io.SAMPLE_RATE
             raise SystemExit(
@@ -101,5 +113,6 @@ def main(args: argparse.Namespace) -> int:
                 pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, key=sub, mesh=mesh,
             )
         for (path, _), row, n in zip(group, tokens, lengths):
-            print(f"{path}: {tokenizer.decode(row[:n], skip_special_tokens=True)}")
+            label = path if len(prompts) == 1 else f"{path} [{prompt}]"
+            print(f"{label}: {tokenizer.decode(row[:n], skip_special_tokens=True)}")
     return 1 if failed else 0

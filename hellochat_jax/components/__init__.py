@@ -53,10 +53,14 @@ REGISTRY: dict[str, Component] = {c.name: c for c in [
     Component("cosyvoice2-llm",  "speech_lm",   "SpeechTokenLMConfig", "SpeechTokenLM"),
     Component("cosyvoice2-flow", "flow",        "FlowConfig",          "FlowDecoder"),
     Component("cosyvoice2-hift", "hift",        "HiFTConfig",          "HiFTVocoder"),
+    # The whole model (thinker + talker parts): trained, exported and served; no release format.
+    Component("hellochat",       "hellochat",   "HelloChatConfig",     "HelloChat", has_parity=False),
 ]}
 
 
 def get(name: str) -> Component:
     if name not in REGISTRY:
-        raise ValueError(f"unknown component {name!r}; known: {sorted(REGISTRY)}")
+        from hellochat_jax.core.errors import UserError
+
+        raise UserError(f"unknown component {name!r}; known: {sorted(REGISTRY)}")
     return REGISTRY[name]

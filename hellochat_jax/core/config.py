@@ -13,10 +13,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from hellochat_jax.core.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     pass
 
 
@@ -114,12 +116,34 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Where a bare config name ("tiny") is looked up: the configs/ installed as package data
+# (hellochat_jax/configs), then a source checkout's top-level configs/ (editable installs).
+SHIPPED_CONFIG_DIRS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[2] / "configs")
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A config file: the path itself if it exists, else a shipped config by bare name
+    (``tiny`` or ``tiny.yaml`` -> configs/tiny.yaml), from any working folder."""
+    path = Path(path)
+    if path.exists() or path.parent != Path("."):
+        return path
+    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+    for folder in SHIPPED_CONFIG_DIRS:
+        if (folder / name).is_file():
+            return folder / name
+    return path
+
+
+def shipped_config_names() -> list[str]:
+    return sorted({p.stem for folder in SHIPPED_CONFIG_DIRS if folder.is_dir() for p in folder.glob("*.yaml")})
+
+
 def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} not found")
+        path = resolve_path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found (shipped configs, usable by name: {', '.join(shipped_config_names()) or 'none'})")
         data = yaml.safe_load(path.read_text()) or {}
     data = merge(data, parse_overrides(overrides or []))
     return from_dict(cls, data, where=str(path or "config"))

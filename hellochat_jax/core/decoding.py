@@ -1,15 +1,30 @@
-"""KV-cached batched decoding and the samplers.
+"""KV-cached batched decoding: one compiled loop for every decoder, sampling methods as plug-ins.
 
-Prefill and the whole decode loop are each one compiled function: the loop is a
-`lax.while_loop` over a fixed-size cache, so no step recompiles and no Python runs per token.
-Prompt and cache lengths are rounded up to buckets so nearby prompt sizes share a compile.
+The thinker (Qwen2), the talker's speech-token LM and its bistream (text arriving piecewise)
+decoding all run `decode`: a `lax.while_loop` over a fixed-size cache, so no step recompiles
+and no Python runs per token. What differs between them is small and static:
+
+  * `StepRules`: how a drawn token is fed back (which embedding table, which head), which ids
+    stop a row, which are never drawn, which is banned below a row's minimum length, which is
+    forced at a given step (bistream's fill token), and whether samplers see raw logits
+    (transformers) or log-probs (CosyVoice);
+  * a `SamplingMethod`: `Greedy`, `Nucleus`, `RepetitionPenalty(inner)`, `RepetitionAware(inner)`
+    (CosyVoice 2's RAS). Each is a frozen dataclass, so it is hashable and is a static argument
+    of the compiled loop: the same method reuses the compile, another one compiles once.
+
+Per-row numbers (min/max length, forced step) are arrays, so new values do not recompile, and
+the loop state (`DecodeState`) is resumable: `decode(..., until=n)` stops after n steps and a
+later call continues, which is how tokens stream out in chunks.
 """
 
 from __future__ import annotations
 
+import abc
+import contextlib
 import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,62 +33,325 @@ from flax import nnx
 
 from hellochat_jax.core import sharding as shd
 
+# ----------------------------------------------------------------------------- sampling methods
+
+
+class History(NamedTuple):
+    """What sampling methods may look at besides the scores."""
+
+    seen: jax.Array | None = None  # [B, V] bool: ids in the prompt or emitted so far
+    recent: jax.Array | None = None  # [B, W] int32: the last W drawn tokens, oldest first, -1 = none
+
+
+class SamplingMethod(abc.ABC):
+    """Picks one token per row: `method(scores [B, V], key, history) -> tokens [B]`.
+
+    Subclasses are frozen dataclasses, hashable so that a method is a jit static argument.
+    Scores are logits or log-probs (the loop's `StepRules.log_probs` says which; both give the
+    same distribution), with -inf where a token must not be drawn.
+    """
+
+    @property
+    def recent_tokens(self) -> int:
+        """How many recently drawn tokens the method reads from `history.recent`."""
+        return 0
+
+    @abc.abstractmethod
+    def __call__(self, scores: jax.Array, key: jax.Array, history: History) -> jax.Array: ...
+
 
 @dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """temperature 0 means greedy; the filters apply in transformers' order:
-    repetition penalty -> temperature -> top-k -> top-p."""
+class Greedy(SamplingMethod):
+    def __call__(self, scores: jax.Array, key: jax.Array, history: History) -> jax.Array:
+        return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
-    temperature: float = 0.0
+
+@dataclasses.dataclass(frozen=True)
+class Nucleus(SamplingMethod):
+    """Temperature, then top-k, then top-p: walking the tokens from most to least likely, keep
+    one while the mass before it is < top_p (at least one is kept); draw among those kept.
+
+    full_mass=False measures that mass within the top-k renormalised (transformers' top-k
+    then top-p warpers); full_mass=True in the full distribution (CosyVoice's
+    nucleus_sampling). top_k=0 means no cap. Only the top-k can be kept, so this takes
+    lax.top_k rather than sorting the whole vocabulary.
+    """
+
+    temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    repetition_penalty: float = 1.0
+    full_mass: bool = False
+
+    def __post_init__(self):
+        if not self.temperature > 0.0:
+            raise ValueError(f"temperature must be > 0 (use Greedy for argmax), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = no cap), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+    def __call__(self, scores: jax.Array, key: jax.Array, history: History) -> jax.Array:
+        scores = scores.astype(jnp.float32) / self.temperature
+        v = scores.shape[-1]
+        k = min(self.top_k, v) if self.top_k > 0 else v
+        if k == v and self.top_p >= 1.0:
+            return jax.random.categorical(key, scores, axis=-1).astype(jnp.int32)
+        best, index = jax.lax.top_k(scores, k)  # descending
+        total = jax.nn.logsumexp(scores if self.full_mass else best, axis=-1, keepdims=True)
+        probs = jnp.exp(best - total)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+        keep = (before < self.top_p) | (jnp.arange(k) == 0)
+        pick = jax.random.categorical(key, jnp.where(keep, best, -jnp.inf), axis=-1)
+        return jnp.take_along_axis(index, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
-    """CTRL-style penalty on tokens already present: divide positive logits, multiply negative."""
-    if penalty == 1.0:
-        return logits
-    penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
-    return jnp.where(seen, penalised, logits)
+@dataclasses.dataclass(frozen=True)
+class RepetitionPenalty(SamplingMethod):
+    """CTRL's penalty on ids already seen (prompt included), applied to raw logits before
+    `inner` as transformers does: positive logits divided by `penalty`, negative multiplied."""
+
+    inner: SamplingMethod = Greedy()
+    penalty: float = 1.0
+
+    @property
+    def recent_tokens(self) -> int:
+        return self.inner.recent_tokens
+
+    def __call__(self, scores: jax.Array, key: jax.Array, history: History) -> jax.Array:
+        penalised = jnp.where(scores > 0, scores / self.penalty, scores * self.penalty)
+        return self.inner(jnp.where(history.seen, penalised, scores), key, history)
 
 
-def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = jax.lax.top_k(logits, k)[0][..., -1:]
-    return jnp.where(logits < kth, -jnp.inf, logits)
+@dataclasses.dataclass(frozen=True)
+class RepetitionAware(SamplingMethod):
+    """Repetition-aware sampling (VALL-E 2; CosyVoice 2's ras_sampling): draw with `inner`; if
+    that token is among the last `window` drawn at least `window * tau_r` times, ban it and
+    draw again from the full distribution."""
+
+    inner: SamplingMethod = Nucleus(top_p=0.8, top_k=25, full_mass=True)
+    window: int = 10
+    tau_r: float = 0.1
+
+    @property
+    def recent_tokens(self) -> int:
+        return max(self.window, self.inner.recent_tokens)
+
+    def __post_init__(self):
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+
+    def __call__(self, scores: jax.Array, key: jax.Array, history: History) -> jax.Array:
+        k_inner, k_full = jax.random.split(key)
+        first = self.inner(scores, k_inner, history)
+        repeats = jnp.sum(history.recent[:, -self.window :] == first[:, None], axis=-1)
+        banned = jnp.where(jnp.arange(scores.shape[-1])[None, :] == first[:, None], -jnp.inf, scores)
+        again = jax.random.categorical(k_full, banned, axis=-1).astype(jnp.int32)
+        return jnp.where(repeats >= self.window * self.tau_r, again, first)
 
 
-def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
-    """Keeps the smallest set of most likely tokens whose probability reaches p (at least one)."""
-    if p >= 1.0:
-        return logits
-    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-    keep_sorted = before < p
-    threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits < threshold, -jnp.inf, logits)
+def sampling_method(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0) -> SamplingMethod:
+    """transformers-style options -> a method; temperature 0 means greedy."""
+    method: SamplingMethod = Greedy() if temperature <= 0.0 else Nucleus(temperature, top_k, top_p)
+    return RepetitionPenalty(method, repetition_penalty) if repetition_penalty != 1.0 else method
 
 
-def sample_next(logits: jax.Array, seen: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
-    """logits [B, V] -> next tokens [B]."""
-    logits = apply_repetition_penalty(logits.astype(jnp.float32), seen, cfg.repetition_penalty)
-    if cfg.temperature <= 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / cfg.temperature
-    logits = top_p_filter(top_k_filter(logits, cfg.top_k), cfg.top_p)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+_METHODS = {cls.__name__: cls for cls in (Greedy, Nucleus, RepetitionPenalty, RepetitionAware)}
 
 
-def _round_up(n: int, multiple: int) -> int:
+def sampling_to_dict(method: SamplingMethod) -> dict[str, Any]:
+    """A JSON-able description, e.g. {"method": "RepetitionAware", "inner": {...}, ...}."""
+    out: dict[str, Any] = {"method": type(method).__name__}
+    for f in dataclasses.fields(method):
+        value = getattr(method, f.name)
+        out[f.name] = sampling_to_dict(value) if isinstance(value, SamplingMethod) else value
+    return out
+
+
+def sampling_from_dict(d: dict[str, Any]) -> SamplingMethod:
+    if d.get("method") not in _METHODS:
+        raise ValueError(f"unknown sampling method {d.get('method')!r}; known: {sorted(_METHODS)}")
+    fields = {k: sampling_from_dict(v) if isinstance(v, dict) else v for k, v in d.items() if k != "method"}
+    return _METHODS[d["method"]](**fields)
+
+
+# ----------------------------------------------------------------------------- the decode loop
+
+# feed(model, tokens [B], live [B] bool, cache) -> (scores [B, V] f32, cache): appends one
+# position per row (masked out where not live) and returns the next scores.
+Feed = Callable[[nnx.Module, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRules:
+    """The static part of a decode: everything here is in the compile key."""
+
+    feed: Feed
+    stop_ids: tuple[int, ...] = ()  # a drawn stop id ends its row; it is not emitted nor fed
+    banned_ids: tuple[int, ...] = ()  # never drawn
+    min_len_banned: tuple[int, ...] = ()  # banned while a row has taken fewer than min_len steps
+    force_id: int | None = None  # taken instead of the draw at a row's force_step
+    pad_id: int = 0  # written to `tokens` where nothing was emitted
+    log_probs: bool = False  # samplers see log-softmax scores instead of raw logits
+
+
+class RowLimits(NamedTuple):
+    """Per-row numbers of one decode (arrays: new values reuse the compile)."""
+
+    min_len: jax.Array  # [B] int32
+    max_len: jax.Array  # [B] int32: a row ends once it has emitted this many tokens
+    force_step: jax.Array  # [B] int32: the step that takes StepRules.force_id (-1 = none)
+
+
+def row_limits(batch: int, min_len: Any = 0, max_len: Any = np.iinfo(np.int32).max, force_step: Any = -1) -> RowLimits:
+    full = lambda x: np.broadcast_to(np.asarray(x, np.int32), (batch,)).copy()
+    return RowLimits(full(min_len), full(max_len), full(force_step))
+
+
+class DecodeState(NamedTuple):
+    """Everything the loop carries; `decode` may stop and resume it any number of times."""
+
+    step: jax.Array  # [] steps taken
+    scores: jax.Array  # [B, V] f32 logits for the next step
+    cache: Any
+    history: History
+    tokens: jax.Array  # [B, N] emitted tokens (StepRules.pad_id elsewhere)
+    lengths: jax.Array  # [B] tokens emitted
+    done: jax.Array  # [B]
+    stop_token: jax.Array  # [B] the stop id that ended the row (-1 = none)
+    key: jax.Array
+    logp: jax.Array | None  # [B, N, V] per-step log-probs before any mask (if recorded)
+
+
+def initial_state(
+    scores: jax.Array,
+    cache: Any,
+    key: jax.Array,
+    *,
+    max_steps: int,
+    sampler: SamplingMethod,
+    seen: jax.Array | None = None,
+    recent: jax.Array | None = None,
+    pad_id: int = 0,
+    done: jax.Array | None = None,
+    record_logp: bool = False,
+) -> DecodeState:
+    """A fresh state after a prompt: `scores` are the prompt's last-position logits. `seen`
+    defaults to nothing seen, `recent` to an empty window of the sampler's size."""
+    b, v = scores.shape
+    seen = jnp.zeros((b, v), bool) if seen is None else seen
+    recent = jnp.full((b, max(1, sampler.recent_tokens)), -1, jnp.int32) if recent is None else recent
+    return DecodeState(
+        step=jnp.zeros((), jnp.int32),
+        scores=scores,
+        cache=cache,
+        history=History(seen, recent),
+        tokens=jnp.full((b, max_steps), pad_id, jnp.int32),
+        lengths=jnp.zeros((b,), jnp.int32),
+        done=jnp.zeros((b,), bool) if done is None else done,
+        stop_token=jnp.full((b,), -1, jnp.int32),
+        key=jax.random.clone(key),  # `decode` donates the state; the caller keeps its key
+        logp=jnp.zeros((b, max_steps, v), jnp.float32) if record_logp else None,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt", "cache_len"))
+def prefill(graphdef, state, inputs: Any, *, prompt: Callable, cache_len: int) -> tuple[jax.Array, Any]:
+    """Runs a prompt into a fresh cache of `cache_len` slots: `prompt(model, inputs, cache) ->
+    (scores [B, V] f32, cache)`; the batch size is that of the first leaf of `inputs`."""
+    model = nnx.merge(graphdef, state)
+    batch = jax.tree.leaves(inputs)[0].shape[0]
+    return prompt(model, inputs, model.init_cache(batch, cache_len))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt"), donate_argnames=("cache",))
+def extend(graphdef, state, inputs: Any, cache: Any, *, prompt: Callable) -> tuple[jax.Array, Any]:
+    """Appends more prompt positions to an existing cache (bistream's incoming text)."""
+    return prompt(nnx.merge(graphdef, state), inputs, cache)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "rules", "sampler"), donate_argnames=("ds",))
+def decode(graphdef, state, ds: DecodeState, limits: RowLimits, until: jax.Array, *, rules: StepRules, sampler: SamplingMethod) -> DecodeState:
+    """Steps until every row is done, the token buffer is full, or `until` steps are taken.
+
+    Per step and row: mask the scores (banned ids; min_len_banned below min_len), draw with `sampler`,
+    override at force_step, then a stop id ends the row, anything else is emitted and fed back.
+    Finished rows keep stepping (fixed shapes) with their positions masked out of the cache.
+    """
+    model = nnx.merge(graphdef, state)
+    b, max_steps = ds.tokens.shape
+    rows = jnp.arange(b)
+    stop_ids = jnp.asarray(rules.stop_ids or (-1,), jnp.int32)
+
+    def cond(ds: DecodeState):
+        return (ds.step < jnp.minimum(until, max_steps)) & ~jnp.all(ds.done)
+
+    def body(ds: DecodeState) -> DecodeState:
+        key, sub = jax.random.split(ds.key)
+        logp = jax.nn.log_softmax(ds.scores, axis=-1)
+        recorded = ds.logp.at[:, ds.step].set(logp) if ds.logp is not None else None
+        scores = logp if rules.log_probs else ds.scores
+        vocab = jnp.arange(scores.shape[-1])[None, :]
+        if rules.banned_ids:
+            scores = jnp.where(jnp.isin(vocab, jnp.asarray(rules.banned_ids)), -jnp.inf, scores)
+        if rules.min_len_banned:
+            early = (ds.step < limits.min_len)[:, None] & jnp.isin(vocab, jnp.asarray(rules.min_len_banned))
+            scores = jnp.where(early, -jnp.inf, scores)
+        tok = sampler(scores, sub, ds.history)
+        if rules.force_id is not None:
+            tok = jnp.where(ds.step == limits.force_step, rules.force_id, tok)
+
+        live = ~ds.done
+        is_stop = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+        emit = live & ~is_stop
+        lengths = ds.lengths + emit
+        history = History(
+            seen=ds.history.seen.at[rows, tok].set(ds.history.seen[rows, tok] | emit),
+            # the window sees stop tokens too (bistream's fill tokens count as repeats)
+            recent=jnp.where(live[:, None], jnp.concatenate([ds.history.recent[:, 1:], tok[:, None]], axis=1), ds.history.recent),
+        )
+        # A stop token is not fed back: its slot is written masked out (never attended, no
+        # position), and the row keeps the scores from before it.
+        new_scores, cache = rules.feed(model, jnp.where(emit, tok, 0), emit, ds.cache)
+        return DecodeState(
+            step=ds.step + 1,
+            scores=jnp.where(emit[:, None], new_scores, ds.scores),
+            cache=cache,
+            history=history,
+            tokens=ds.tokens.at[:, ds.step].set(jnp.where(emit, tok, rules.pad_id)),
+            lengths=lengths,
+            done=ds.done | is_stop | (lengths >= limits.max_len),
+            stop_token=jnp.where(live & is_stop, tok, ds.stop_token),
+            key=key,
+            logp=recorded,
+        )
+
+    return jax.lax.while_loop(cond, body, ds)
+
+
+# ----------------------------------------------------------------------------- the thinker
+
+
+def thinker_prompt(model: nnx.Module, inputs: dict[str, jax.Array], cache: Any) -> tuple[jax.Array, Any]:
+    """inputs: attention_mask and input_ids, or inputs_embeds (MiDashengLM's audio-spliced prompt)."""
+    if "inputs_embeds" in inputs:
+        logits, cache = model(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"], cache=cache)
+    else:
+        logits, cache = model(inputs["input_ids"], attention_mask=inputs["attention_mask"], cache=cache)
+    return logits[:, -1].astype(jnp.float32), cache
+
+
+def thinker_feed(model: nnx.Module, tokens: jax.Array, live: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+    logits, cache = model(tokens[:, None], attention_mask=live[:, None].astype(jnp.int32), cache=cache)
+    return logits[:, -1].astype(jnp.float32), cache
+
+
+def round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Token lists -> (ids, mask) left-padded to a common (bucketed) length."""
-    t = _round_up(max(len(s) for s in sequences), multiple)
+    t = round_up(max(len(s) for s in sequences), multiple)
     ids = np.full((len(sequences), t), pad_id, np.int32)
     mask = np.zeros((len(sequences), t), np.int32)
     for i, s in enumerate(sequences):
@@ -83,56 +361,15 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0, multiple: int 
     return ids, mask
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
-def _prefill(graphdef, state, input_ids, inputs_embeds, attention_mask, max_len):
-    model = nnx.merge(graphdef, state)
-    cache = model.init_cache(attention_mask.shape[0], max_len)
-    if inputs_embeds is not None:
-        logits, cache = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache)
-    else:
-        logits, cache = model(input_ids, attention_mask=attention_mask, cache=cache)
-    return logits[:, -1].astype(jnp.float32), cache
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "pad_id"))
-def _decode(graphdef, state, logits, cache, seen, stop_tokens, key, max_new_tokens, sampling, pad_id):
-    model = nnx.merge(graphdef, state)
-    b = logits.shape[0]
-    tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
-    done = jnp.zeros((b,), bool)
-    lengths = jnp.zeros((b,), jnp.int32)
-
-    def cond(carry):
-        step, _, _, _, _, done, _, _ = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def body(carry):
-        step, logits, cache, seen, tokens, done, lengths, key = carry
-        key, sub = jax.random.split(key)
-        nxt = sample_next(logits, seen, sub, sampling)
-        nxt = jnp.where(done, pad_id, nxt)
-        is_stop = jnp.any(nxt[:, None] == stop_tokens[None, :], axis=-1) & ~done
-        tokens = tokens.at[:, step].set(jnp.where(is_stop, pad_id, nxt))
-        lengths = lengths + (~done & ~is_stop)
-        done = done | is_stop
-        seen = seen.at[jnp.arange(b), nxt].set(seen[jnp.arange(b), nxt] | ~done)
-        # Finished rows keep stepping (fixed shapes); their outputs are discarded.
-        new_logits, cache = model(nxt[:, None], attention_mask=jnp.ones((b, 1), jnp.int32), cache=cache)
-        return step + 1, new_logits[:, -1].astype(jnp.float32), cache, seen, tokens, done, lengths, key
-
-    carry = (jnp.zeros((), jnp.int32), logits, cache, seen, tokens, done, lengths, key)
-    carry = jax.lax.while_loop(cond, body, carry)
-    return carry[4], carry[6]
-
-
 def generate(
     model: nnx.Module,
     input_ids: np.ndarray,
     attention_mask: np.ndarray | None = None,
     *,
     max_new_tokens: int,
-    sampling: SamplingConfig = SamplingConfig(),
+    sampling: SamplingMethod = Greedy(),
     stop_tokens: Sequence[int] = (),
+    min_new_tokens: int = 0,
     pad_id: int = 0,
     key: jax.Array | None = None,
     inputs_embeds: jax.Array | None = None,
@@ -143,8 +380,9 @@ def generate(
 
     `model` is any module with `__call__(input_ids | inputs_embeds, attention_mask, cache)
     -> (logits, cache)` and `init_cache(batch, max_len)` (the thinker; MiDashengLM passes its
-    audio-spliced `inputs_embeds` for the prompt). Returns (tokens [B, N] padded with pad_id
-    after a stop token, lengths [B] = tokens before the stop).
+    audio-spliced `inputs_embeds` for the prompt). Stop tokens are banned for the first
+    `min_new_tokens` steps. Returns (tokens [B, N] padded with pad_id after a stop token,
+    lengths [B] = tokens before the stop).
     """
     input_ids = np.asarray(input_ids, np.int32)
     if input_ids.ndim != 2:
@@ -158,23 +396,25 @@ def generate(
     vocab = _vocab_size(model)
     if int(input_ids.max(initial=0)) >= vocab or int(input_ids.min(initial=0)) < 0:
         raise ValueError(f"token ids must lie in [0, {vocab}); got {input_ids.min()}..{input_ids.max()}")
-    max_len = _round_up(t + max_new_tokens, cache_multiple)
+    stop = tuple(sorted({int(s) for s in stop_tokens}))
     key = jax.random.key(0) if key is None else key
     seen = np.zeros((b, vocab), bool)
-    rows = np.repeat(np.arange(b), t)
-    seen[rows[attention_mask.reshape(-1) > 0], input_ids.reshape(-1)[attention_mask.reshape(-1) > 0]] = True
-    stop = np.asarray(list(stop_tokens) or [-1], np.int32)
+    real = attention_mask > 0
+    seen[np.repeat(np.arange(b), t)[real.reshape(-1)], input_ids[real]] = True
+    rules = StepRules(thinker_feed, stop_ids=stop, min_len_banned=stop if min_new_tokens > 0 else (), pad_id=pad_id)
+    limits = row_limits(b, min_len=min_new_tokens)
 
     graphdef, state = nnx.split(model)
-    ctx = jax.set_mesh(mesh) if mesh is not None else _null()
-    with ctx:
+    with mesh_context(mesh):
         if mesh is not None:
-            ids_d, mask_d, seen_d = shd.put_batch((input_ids, attention_mask, seen), mesh, shd.current_rules())
+            ids_d, mask_d, seen_d, limits = shd.put_batch((input_ids, attention_mask, seen, limits), mesh, shd.current_rules())
         else:
             ids_d, mask_d, seen_d = jnp.asarray(input_ids), jnp.asarray(attention_mask), jnp.asarray(seen)
-        logits, cache = _prefill(graphdef, state, ids_d, inputs_embeds, mask_d, max_len)
-        tokens, lengths = _decode(graphdef, state, logits, cache, seen_d, jnp.asarray(stop), key, max_new_tokens, sampling, pad_id)
-    return np.asarray(jax.device_get(tokens)), np.asarray(jax.device_get(lengths))
+        inputs = {"attention_mask": mask_d, **({"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": ids_d})}
+        scores, cache = prefill(graphdef, state, inputs, prompt=thinker_prompt, cache_len=round_up(t + max_new_tokens, cache_multiple))
+        ds = initial_state(scores, cache, key, max_steps=max_new_tokens, sampler=sampling, seen=seen_d, pad_id=pad_id)
+        ds = decode(graphdef, state, ds, limits, jnp.asarray(max_new_tokens, jnp.int32), rules=rules, sampler=sampling)
+    return np.asarray(jax.device_get(ds.tokens)), np.asarray(jax.device_get(ds.lengths))
 
 
 def _vocab_size(model) -> int:
@@ -182,9 +422,5 @@ def _vocab_size(model) -> int:
     return int(getattr(cfg, "vocab_size", 0)) or int(model.model.embed_tokens.embedding.shape[0])
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+def mesh_context(mesh: jax.sharding.Mesh | None):
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()

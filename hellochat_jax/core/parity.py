@@ -77,21 +77,33 @@ def _where(case: Case, spec: dict, name: str, ref: np.ndarray, ours_all: dict[st
 
 
 def compare(case: Case, ours: dict[str, np.ndarray]) -> list[Row]:
-    """Checks every recorded output against ours, honouring the fixture's comparison rules."""
+    """Checks every declared output against ours, honouring the fixture's comparison rules.
+
+    Every output fixture.json declares must be recorded in outputs.npz and produced by us,
+    except a mask that only says where another output is compared (its `compare_where`): that
+    one is read from the fixture, and compared too if we compute it. A case that compares
+    nothing, or a mask that selects nothing, fails.
+    """
     tol = case.spec.get("tolerance", {})
+    masks = {spec["compare_where"] for spec in case.spec["outputs"].values() if spec.get("compare_where")}
     rows = []
     for name, spec in case.spec["outputs"].items():
         if name not in case.outputs:
+            rows.append(Row(name, np.nan, np.nan, "-", False, "declared in fixture.json but missing from outputs.npz"))
             continue
         ref = np.asarray(case.outputs[name])
         if name not in ours:
-            rows.append(Row(name, np.nan, np.nan, "-", False, "not produced"))
+            if name not in masks:
+                rows.append(Row(name, np.nan, np.nan, "-", False, "not produced"))
             continue
         got = np.asarray(ours[name])
         if got.shape != ref.shape:
             rows.append(Row(name, np.nan, np.nan, "-", False, f"shape {got.shape} != {ref.shape}"))
             continue
         mask = _where(case, spec, name, ref, ours)
+        if mask is not None and not mask.any():
+            rows.append(Row(name, np.nan, np.nan, "-", False, f"compare_where {spec['compare_where']!r} selects nothing"))
+            continue
         sel = (lambda a: a[mask]) if mask is not None else (lambda a: a.reshape(-1))
         r, g = sel(ref), sel(got)
         discrete = ref.dtype.kind in "biu" or spec.get("exact", False)
@@ -115,6 +127,8 @@ def compare(case: Case, ours: dict[str, np.ndarray]) -> list[Row]:
         rel = diff / np.maximum(np.abs(r64), 1e-12)
         ok = bool(np.all(diff <= atol + rtol * np.abs(r64)))
         rows.append(Row(name, float(diff.max(initial=0)), float(rel.max(initial=0)), f"atol={atol:g} rtol={rtol:g}", ok))
+    if not rows:
+        rows.append(Row("(nothing)", np.nan, np.nan, "-", False, "the case compares no output"))
     return rows
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from hellochat_jax.core.errors import UserError
 from hellochat_jax.data import synth
 
 SAMPLE_RATE = synth.SAMPLE_RATE
@@ -150,7 +151,7 @@ class HellochatSynth(tfds.core.GeneratorBasedBuilder):
 # --------------------------------------------------------------------------- users' manifests
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """A manifest that cannot be built as given; the message lists every problem found."""
 
 

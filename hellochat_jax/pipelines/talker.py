@@ -16,7 +16,8 @@ per token, and its x-vector comes from campplus.onnx on Kaldi fbank features
 Without a prompt the default speaker is used: no prompt tokens or mel and an all-zero x-vector
 (the flow's speaker affine layer then contributes its bias only).
 
-Documented behaviour for awkward input (errors are ValueError / TalkerError naming the problem):
+Documented behaviour for awkward input (errors name the problem: AudioError for the prompt audio,
+TalkerError for the rest; both are UserErrors):
   * empty or whitespace-only text, text that encodes to the tokenizer's unknown token or to ids
     outside the LM's text vocabulary: error;
   * prompt audio at any sample rate or channel count: averaged to mono and resampled (soxr);
@@ -32,7 +33,6 @@ splitting are not applied.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -44,7 +44,10 @@ import numpy as np
 from flax import nnx
 
 from hellochat_jax.components.speech_lm import model as slm
+from hellochat_jax.core import dsp
 from hellochat_jax.core import sharding as shd
+from hellochat_jax.core.decoding import SamplingMethod
+from hellochat_jax.core.errors import UserError
 
 QWEN_FOLDER = "CosyVoice-BlankEN"
 # CosyVoice2Tokenizer adds these to the Qwen2 tokenizer (cosyvoice/tokenizer/tokenizer.py).
@@ -62,74 +65,41 @@ SILENCE_PEAK = 1e-4
 MEL_FLOOR = float(np.log(1e-5))  # log-mel of silence in the flow's mel (clamp at 1e-5)
 # CosyVoice2Model streaming: token hops of 25, doubling up to 100; flow look-ahead from the config.
 TOKEN_HOP, TOKEN_MAX_HOP, HOP_SCALE = 25, 100, 2
+# The flow's start noise is one fixed buffer (the reference's `rand_noise`: 300 s of 50 Hz mel)
+# whose first frames every call uses, so a growing prefix keeps its frames and every call
+# passes the same shape.
+NOISE_FRAMES = 15000
 
 
-class TalkerError(ValueError):
+class TalkerError(UserError):
     """Input the talker cannot use, or a missing part; the message says which."""
 
 
 # ----------------------------------------------------------------------------- audio front ends
 
 
-def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Any soundfile-readable file -> (mono float32 samples, sample rate)."""
-    import soundfile as sf
-
-    path = Path(path)
-    if not path.is_file():
-        raise TalkerError(f"{path}: prompt audio file not found")
-    try:
-        samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:
-        raise TalkerError(f"{path}: not a readable audio file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return samples.mean(axis=1), int(rate)
-
-
-def resample(wav: np.ndarray, rate: int, target: int) -> np.ndarray:
-    if rate == target:
-        return wav.astype(np.float32)
-    import librosa
-
-    return librosa.resample(wav.astype(np.float32), orig_sr=rate, target_sr=target, res_type="soxr_hq").astype(np.float32)
-
-
 def check_prompt_audio(wav: np.ndarray, rate: int, where: str = "prompt audio") -> None:
-    if wav.ndim != 1 or wav.size == 0:
-        raise TalkerError(f"{where}: no samples")
-    if not np.isfinite(wav).all():
-        raise TalkerError(f"{where}: {int((~np.isfinite(wav)).sum())} sample(s) are NaN or inf")
+    """A voice prompt must be 0.5-30 s of mono audio that is not silent (see dsp.to_mono for
+    the rest: samples, dtype, NaN/inf)."""
     seconds = wav.size / rate
     if seconds < PROMPT_MIN_SECONDS:
-        raise TalkerError(f"{where}: too short ({seconds:.2f} s); a voice prompt needs at least {PROMPT_MIN_SECONDS} s of speech")
+        raise dsp.AudioError(f"{where}: too short ({seconds:.2f} s); a voice prompt needs at least {PROMPT_MIN_SECONDS} s of speech")
     if seconds > PROMPT_MAX_SECONDS:
-        raise TalkerError(f"{where}: too long ({seconds:.1f} s); the speech tokenizer takes prompts up to {PROMPT_MAX_SECONDS:.0f} s")
+        raise dsp.AudioError(f"{where}: too long ({seconds:.1f} s); the speech tokenizer takes prompts up to {PROMPT_MAX_SECONDS:.0f} s")
     peak = float(np.abs(wav).max())
     if peak < SILENCE_PEAK:
-        raise TalkerError(f"{where}: silent (peak {peak:.1e}, below {SILENCE_PEAK:.0e}); a voice prompt must contain speech")
-
-
-@functools.lru_cache(maxsize=4)
-def _mel_basis(rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
-    import librosa
-
-    return librosa.filters.mel(sr=rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax).astype(np.float32)
+        raise dsp.AudioError(f"{where}: silent (peak {peak:.1e}, below {SILENCE_PEAK:.0e}); a voice prompt must contain speech")
 
 
 def flow_mel(wav: np.ndarray, rate: int = 24000, *, n_fft: int = 1920, hop: int = 480, n_mels: int = 80, fmin: float = 0.0, fmax: float = 8000.0) -> np.ndarray:
-    """The flow's mel features (matcha.utils.audio.mel_spectrogram with the release's
-    settings): reflect-pad (n_fft - hop) / 2, periodic Hann STFT without centring,
-    magnitude sqrt(re^2 + im^2 + 1e-9), slaney mel filters, log(max(x, 1e-5)). [frames, n_mels]."""
-    pad = (n_fft - hop) // 2
-    x = np.pad(wav.astype(np.float64), (pad, pad), mode="reflect")
-    frames = 1 + (len(x) - n_fft) // hop
-    if frames < 1:
-        return np.zeros((0, n_mels), np.float32)
-    idx = np.arange(n_fft)[None, :] + hop * np.arange(frames)[:, None]
-    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)  # torch.hann_window (periodic)
-    spec = np.fft.rfft(x[idx] * window, axis=-1)
-    magnitude = np.sqrt(spec.real**2 + spec.imag**2 + 1e-9)
-    mel = magnitude @ _mel_basis(rate, n_fft, n_mels, fmin, fmax).T.astype(np.float64)
-    return np.log(np.maximum(mel, 1e-5)).astype(np.float32)
+    """The flow's mel features [frames, n_mels] of mono audio [samples] at `rate`
+    (matcha.utils.audio.mel_spectrogram with the release's settings): reflect-pad
+    (n_fft - hop) / 2, periodic Hann STFT without centring, magnitude sqrt(re^2 + im^2 + 1e-9),
+    Slaney mel filters, log(max(x, 1e-5)). Needs more than (n_fft - hop) / 2 samples."""
+    spectrum = dsp.stft(wav, n_fft, hop, dsp.hann_window(n_fft), pad=(n_fft - hop) // 2)
+    magnitude = jnp.sqrt(dsp.power_spectrum(spectrum) + 1e-9)
+    mel = dsp.apply_filterbank(magnitude, dsp.slaney_mel_filterbank(rate, n_fft, n_mels, fmin, fmax))
+    return np.asarray(jnp.log(jnp.maximum(mel, 1e-5)))
 
 
 def kaldi_fbank(wav16: np.ndarray) -> np.ndarray:
@@ -182,8 +152,9 @@ class VoicePrompt:
 # ----------------------------------------------------------------------------- compiled steps
 
 
-@functools.partial(nnx.jit, static_argnames=("streaming", "finalize"))
+@nnx.jit
 def _flow(flow, token, token_len, prompt_token, prompt_token_len, prompt_feat, prompt_feat_len, embedding, noise, streaming, finalize):
+    # streaming / finalize are traced booleans: streamed chunks and the final call share a program.
     return flow.inference(
         token, token_len, prompt_token, prompt_token_len, prompt_feat, prompt_feat_len, embedding,
         noise=noise, streaming=streaming, finalize=finalize,
@@ -192,6 +163,15 @@ def _flow(flow, token, token_len, prompt_token, prompt_token_len, prompt_feat, p
 
 def _round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
+
+
+def shape_bucket(n: int, smallest: int = 32, step: int = 256) -> int:
+    """The padded size for n tokens or frames: powers of two from `smallest` up to `step`,
+    then multiples of `step`. Every flow and vocoder call is padded to one of these, so a
+    stream of growing chunks reuses a handful of compiled programs instead of one per chunk."""
+    if n <= step:
+        return max(smallest, 1 << max(0, int(n) - 1).bit_length())
+    return _round_up(int(n), step)
 
 
 # ----------------------------------------------------------------------------- the talker
@@ -210,8 +190,9 @@ class Talker:
 
     @classmethod
     def load(cls, path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, rules: shd.Rules = shd.DEFAULT_RULES, *, dtype: str | None = None, progress: bool = False) -> "Talker":
-        """A converted talker folder (`hellochat convert cosyvoice2`) or a release folder."""
-        from hellochat_jax.checkpoint.io import CheckpointError
+        """A model folder with talker, flow and HiFT parts (`checkpoint.folder`), a converted
+        talker folder (`hellochat convert cosyvoice2`) or a release folder."""
+        from hellochat_jax.checkpoint.io import META_FILE, CheckpointError, read_meta
         from hellochat_jax.components.cosyvoice2 import weights as release
 
         path = Path(path)
@@ -219,7 +200,18 @@ class Talker:
         over = {"dtype": dtype} if dtype else {}
         missing: dict[str, str] = {}
         s3 = None
-        if (path / release.MANIFEST).exists():
+        tokenizer_dir = path / QWEN_FOLDER
+        if (path / META_FILE).exists() and read_meta(path)["component"] == "hellochat":
+            from hellochat_jax.checkpoint.folder import load_model_folder
+
+            bundle = load_model_folder(path, mesh, rules)
+            absent = [p for p in ("talker", "flow", "hift") if getattr(bundle.model, p) is None]
+            if absent or bundle.tokenizer_dir("talker") is None:
+                raise TalkerError(f"{path}: the model folder has no {', '.join(absent) or 'talker tokenizer'}; it cannot speak")
+            llm, flow, hift = bundle.model.talker, bundle.model.flow, bundle.model.hift
+            tokenizer_dir = bundle.tokenizer_dir("talker")
+            missing["s3tokenizer"] = f"{path}: the model folder holds no speech tokenizer"
+        elif (path / release.MANIFEST).exists():
             manifest = release.read_manifest(path)
             _, llm = release.load_part(path, "llm", mesh, rules, **over)
             _, flow = release.load_part(path, "flow", mesh, rules, **over)
@@ -251,7 +243,7 @@ class Talker:
                     missing["s3tokenizer"] = str(e)
         if hasattr(hift, "fold_weight_norm"):
             hift = hift.fold_weight_norm()  # inference copy: kernels computed once, not per call
-        tokenizer = load_tokenizer(path / QWEN_FOLDER)
+        tokenizer = load_tokenizer(tokenizer_dir)
         speaker = None
         campplus = path / "campplus.onnx"
         if not campplus.exists():
@@ -301,21 +293,20 @@ class Talker:
         if isinstance(wav, np.ndarray):
             if sample_rate is None:
                 raise TalkerError("prompt samples need their sample rate")
-            samples = np.asarray(wav, np.float32)
-            if samples.ndim == 2:
-                samples = samples.mean(axis=1)
+            samples = wav
         else:
-            samples, sample_rate = read_audio(wav)
+            samples, sample_rate = dsp.read(wav)
+        samples = dsp.to_mono(samples, sample_rate, where)
         check_prompt_audio(samples, sample_rate, where)
         text_tokens = self.encode_text(prompt_text, "prompt text")
-        wav16 = resample(samples, sample_rate, 16000)
-        wav24 = resample(samples, sample_rate, self.sample_rate)
+        wav16 = dsp.resample(samples, sample_rate, s3.SAMPLE_RATE)
+        wav24 = dsp.resample(samples, sample_rate, self.sample_rate)
         tokens, lengths = s3.tokenize(self.s3tokenizer, wav16[None], mesh=self.mesh)
         tokens = np.asarray(tokens[0, : lengths[0]], np.int32)
         mel = flow_mel(wav24, self.sample_rate)
         n = min(mel.shape[0] // 2, len(tokens))  # CosyVoice 2: 2 mel frames per token
         if n == 0:
-            raise TalkerError(f"{where}: too short to give one speech token")
+            raise dsp.AudioError(f"{where}: too short to give one speech token")
         xvector = self.speaker_encoder(wav16)
         return VoicePrompt(text_tokens, tokens[:n], mel[: 2 * n], xvector)
 
@@ -338,7 +329,7 @@ class Talker:
 
     # -- stages
 
-    def speech_decoder(self, texts: Sequence[list[int]], prompt: VoicePrompt | None, key: jax.Array, sampling: slm.RasConfig | None) -> slm.SpeechDecoder:
+    def speech_decoder(self, texts: Sequence[list[int]], prompt: VoicePrompt | None, key: jax.Array, sampling: SamplingMethod | None) -> slm.SpeechDecoder:
         n = len(texts)
         pt = [prompt.text_tokens if prompt else []] * n
         ps = [prompt.speech_tokens.tolist() if prompt else []] * n
@@ -356,11 +347,14 @@ class Talker:
                 np.full((batch,), 2 * p, np.int32), np.tile(prompt.xvector[None], (batch, 1)).astype(np.float32))
 
     def tokens_to_mel(self, tokens: Sequence[Sequence[int]], prompt: VoicePrompt | None, noise: jax.Array, *, token_len: Sequence[int] | None = None,
-                      streaming: bool = False, finalize: bool = True, multiple: int = TOKEN_HOP) -> tuple[np.ndarray, np.ndarray]:
-        """Flow on padded token rows -> (mel [B, W, 80], mel_len [B]) of the new frames."""
+                      streaming: bool = False, finalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Flow on token rows padded to a `shape_bucket` -> (mel [B, W, 80], mel_len [B]) of the new frames."""
         b = len(tokens)
         lengths = np.asarray([len(t) for t in tokens] if token_len is None else token_len, np.int32)
-        n = _round_up(int(lengths.max(initial=0)), multiple)
+        n = shape_bucket(int(lengths.max(initial=0)))
+        p = 0 if prompt is None else len(prompt.speech_tokens)
+        if self.flow.cfg.token_mel_ratio * (p + n) > noise.shape[1]:
+            raise TalkerError(f"{p + n} speech tokens (prompt included) are more than the flow's noise buffer covers ({noise.shape[1] // self.flow.cfg.token_mel_ratio})")
         tok = np.zeros((b, n), np.int32)
         for i, t in enumerate(tokens):
             tok[i, : len(t)] = t
@@ -368,7 +362,7 @@ class Talker:
         args = (tok, lengths, pt, ptl, pf, pfl, emb)
         with _mesh_ctx(self.mesh):
             args = shd.put_batch(args, self.mesh) if self.mesh is not None else tuple(map(jnp.asarray, args))
-            mel, mel_len = _flow(self.flow, *args, noise, streaming, finalize)
+            mel, mel_len = _flow(self.flow, *args, noise, jnp.asarray(streaming), jnp.asarray(finalize))
         return np.asarray(jax.device_get(mel)), np.asarray(jax.device_get(mel_len))
 
     def vocode(self, mel: np.ndarray, mel_len: np.ndarray, key: jax.Array) -> list[np.ndarray]:
@@ -385,15 +379,14 @@ class Talker:
         per = self.hift.cfg.samples_per_frame
         return [speech[i, : int(mel_len[i]) * per] for i in range(b)]
 
-    def _noise(self, key: jax.Array, frames: int) -> jax.Array:
-        """The flow's start noise: one buffer whose first frames every call uses (the
-        reference's fixed `rand_noise`), so re-running a growing prefix keeps its frames."""
-        return jax.random.normal(key, (1, frames, self.flow.cfg.output_size), jnp.float32)
+    def _noise(self, key: jax.Array) -> jax.Array:
+        """The flow's start noise (see NOISE_FRAMES)."""
+        return jax.random.normal(key, (1, NOISE_FRAMES, self.flow.cfg.output_size), jnp.float32)
 
     # -- speaking
 
     def speak(self, texts: str | Sequence[str], prompt_wav=None, prompt_text: str | None = None, *, key: jax.Array | None = None,
-              sampling: slm.RasConfig | None = None, prompt_sample_rate: int | None = None) -> list[np.ndarray]:
+              sampling: SamplingMethod | None = None, prompt_sample_rate: int | None = None) -> list[np.ndarray]:
         """Speech (float32, sample_rate Hz) for each text, all in one batch."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
@@ -408,60 +401,103 @@ class Talker:
         tokens = [toks[i, : lens[i]].tolist() for i in range(len(ids))]
         if max(lens) == 0:
             return [np.zeros(0, np.float32) for _ in ids]
-        p = 0 if prompt is None else len(prompt.speech_tokens)
-        noise = self._noise(k_noise, self.flow.cfg.token_mel_ratio * (p + _round_up(int(max(lens)), TOKEN_HOP)))
-        mel, mel_len = self.tokens_to_mel(tokens, prompt, noise)
+        mel, mel_len = self.tokens_to_mel(tokens, prompt, self._noise(k_noise))
         return self.vocode(mel, mel_len, k_voc)
 
     def speak_stream(self, text: str, prompt_wav=None, prompt_text: str | None = None, *, key: jax.Array | None = None,
-                     sampling: slm.RasConfig | None = None, prompt_sample_rate: int | None = None) -> Iterator[np.ndarray]:
-        """Yields audio chunks of one text as its speech tokens arrive (CosyVoice2Model's
-        streaming): every hop of tokens (25, doubling up to 100; the first hop also covers the
-        prompt's padding to a multiple of 25) plus the flow's look-ahead, the flow re-runs on
-        all tokens so far with chunk masks and finalize=False, the new mel frames go through
-        the vocoder with its source cache and cross-fade; the rest is finalised at the end.
-        Concatenating the chunks gives the utterance."""
-        from hellochat_jax.components.hift import model as hift_lib
-
+                     sampling: SamplingMethod | None = None, prompt_sample_rate: int | None = None) -> Iterator[np.ndarray]:
+        """Yields audio chunks of one text as its speech tokens arrive (see `SpeechStream`);
+        the LM decodes just as many tokens as the next chunk needs. Concatenating the chunks
+        gives the utterance."""
         ids = self.encode_text(text)
         prompt = self._prompt(prompt_wav, prompt_text, prompt_sample_rate)
         self._check_prompt(prompt)
         key = jax.random.key(0) if key is None else key
         k_lm, k_noise, k_voc = jax.random.split(key, 3)
         dec = self.speech_decoder([ids], prompt, k_lm, sampling)
-        ratio, lookahead = self.flow.cfg.token_mel_ratio, self.flow.cfg.pre_lookahead_len
+        stream = SpeechStream(self, prompt, noise_key=k_noise, vocoder_key=k_voc)
+        while not dec.finished:
+            dec.advance(max(1, stream.tokens_wanted))
+            yield from stream.push(dec.new_tokens()[0])
+        yield from stream.finish()
+
+    def stream(self, prompt: VoicePrompt | None = None, *, key: jax.Array | None = None) -> "SpeechStream":
+        """A `SpeechStream` for tokens from elsewhere (e.g. a BistreamDecoder fed by the
+        thinker); `key` is split as `speak` splits it (LM, noise, vocoder)."""
+        self._check_prompt(prompt)
+        _, k_noise, k_voc = jax.random.split(jax.random.key(0) if key is None else key, 3)
+        return SpeechStream(self, prompt, noise_key=k_noise, vocoder_key=k_voc)
+
+
+class SpeechStream:
+    """Audio for the speech tokens of one utterance as they arrive (CosyVoice2Model's
+    streaming token2wav), batch 1.
+
+    Every hop of tokens (25, doubling up to 100; the first hop also covers the prompt's padding
+    to a multiple of 25) plus the flow's look-ahead, the flow re-runs on all tokens so far with
+    chunk masks and finalize=False, and the new mel frames go through the vocoder with its
+    source cache and cross-fade; `finish` runs the rest without chunk masks (as the reference's
+    last call). Token rows and vocoder chunks are padded to `shape_bucket` sizes and the noise
+    is one fixed buffer, so after the first few chunks nothing compiles again."""
+
+    def __init__(self, talker: Talker, prompt: VoicePrompt | None, *, noise_key: jax.Array, vocoder_key: jax.Array):
+        self.talker, self.prompt = talker, prompt
+        self.noise = talker._noise(noise_key)
+        self.vocoder_key = vocoder_key
+        self.ratio, self.lookahead = talker.flow.cfg.token_mel_ratio, talker.flow.cfg.pre_lookahead_len
         p = 0 if prompt is None else len(prompt.speech_tokens)
-        noise = self._noise(k_noise, ratio * (p + dec.ds.tokens.shape[1] + TOKEN_HOP))
-        prompt_pad = int(math.ceil(p / TOKEN_HOP) * TOKEN_HOP - p)
-        hop, offset, tokens = TOKEN_HOP, 0, []
-        cache, chunk = None, 0
-        while True:
-            this_hop = hop + prompt_pad if offset == 0 else hop
-            need = offset + this_hop + lookahead
-            if len(tokens) < need and not dec.finished:
-                dec.advance(need - len(tokens))
-                tokens += dec.new_tokens()[0]
-                continue
-            if len(tokens) < need:
-                break  # the LM has stopped: finalise below
-            mel, mel_len = self.tokens_to_mel([tokens[:need]], prompt, noise, streaming=True, finalize=False)
-            new = mel[:, offset * ratio : int(mel_len[0])]
-            _check_mel(new)
-            audio, cache = hift_lib.stream_step(self.hift, new.transpose(0, 2, 1), cache, key=jax.random.fold_in(k_voc, chunk), finalize=False)
-            chunk += 1
-            offset += this_hop
-            hop = min(TOKEN_MAX_HOP, hop * HOP_SCALE)
-            yield np.asarray(jax.device_get(audio))[0]
-        if not tokens:
-            return
-        # The rest, without chunk masks (as the reference's last token2wav call).
-        mel, mel_len = self.tokens_to_mel([tokens], prompt, noise, streaming=False, finalize=True)
-        new = mel[:, offset * ratio : int(mel_len[0])]
-        if new.shape[1] == 0 and cache is None:
-            return
-        _check_mel(new)
-        audio, _ = hift_lib.stream_step(self.hift, new.transpose(0, 2, 1), cache, key=jax.random.fold_in(k_voc, chunk), finalize=True)
-        yield np.asarray(jax.device_get(audio))[0]
+        self.prompt_pad = int(math.ceil(p / TOKEN_HOP) * TOKEN_HOP - p)
+        self.tokens: list[int] = []
+        self.hop, self.offset, self.chunks = TOKEN_HOP, 0, 0
+        self.cache = None
+        self.finished = False
+
+    def _this_hop(self) -> int:
+        return self.hop + self.prompt_pad if self.offset == 0 else self.hop
+
+    @property
+    def tokens_wanted(self) -> int:
+        """How many more tokens the next chunk needs."""
+        return max(0, self.offset + self._this_hop() + self.lookahead - len(self.tokens))
+
+    def push(self, tokens: Sequence[int]) -> list[np.ndarray]:
+        """Adds speech tokens; returns the audio chunks they complete (often none)."""
+        if self.finished:
+            raise RuntimeError("push after finish()")
+        self.tokens += [int(t) for t in tokens]
+        out = []
+        while self.tokens_wanted == 0:
+            this_hop = self._this_hop()
+            mel, mel_len = self.talker.tokens_to_mel([self.tokens[: self.offset + this_hop + self.lookahead]], self.prompt, self.noise, streaming=True, finalize=False)
+            out.append(self._vocode(mel[:, self.offset * self.ratio : int(mel_len[0])], finalize=False))
+            self.offset += this_hop
+            self.hop = min(TOKEN_MAX_HOP, self.hop * HOP_SCALE)
+        return out
+
+    def finish(self) -> list[np.ndarray]:
+        """No more tokens: the rest of the audio (at most one chunk)."""
+        if self.finished or not self.tokens:
+            self.finished = True
+            return []
+        self.finished = True
+        mel, mel_len = self.talker.tokens_to_mel([self.tokens], self.prompt, self.noise, streaming=False, finalize=True)
+        new = mel[:, self.offset * self.ratio : int(mel_len[0])]
+        if new.shape[1] == 0 and self.cache is None:
+            return []
+        return [self._vocode(new, finalize=True)]
+
+    def _vocode(self, mel: np.ndarray, finalize: bool) -> np.ndarray:
+        from hellochat_jax.components.hift import model as hift_lib
+
+        _check_mel(mel)
+        frames = mel.shape[1] + (0 if self.cache is None else hift_lib.MEL_CACHE_FRAMES)
+        with _mesh_ctx(self.talker.mesh):
+            audio, self.cache = hift_lib.stream_step(
+                self.talker.hift, mel.transpose(0, 2, 1), self.cache, key=jax.random.fold_in(self.vocoder_key, self.chunks),
+                finalize=finalize, pad_to=shape_bucket(frames), pad_value=MEL_FLOOR,
+            )
+        self.chunks += 1
+        return audio[0]
 
 
 def _check_mel(mel: np.ndarray) -> None:

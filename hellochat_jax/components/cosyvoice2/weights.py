@@ -29,7 +29,8 @@ from typing import Any
 
 import jax
 
-from hellochat_jax.checkpoint.io import CheckpointError, save_orbax
+from hellochat_jax.checkpoint.io import CheckpointError
+from hellochat_jax.checkpoint.load import load_checkpoint, save_checkpoint
 from hellochat_jax.core import sharding as shd
 
 MANIFEST = "talker.json"
@@ -68,7 +69,6 @@ def convert_release(
     copy_onnx: bool = True,
 ) -> dict[str, Any]:
     """Converts every part of a release folder; returns the manifest written to talker.json."""
-    from hellochat_jax.checkpoint.load import config_to_dict
     from hellochat_jax.components.flow import weights as cosyvoice2_flow
     from hellochat_jax.components.hift import weights as cosyvoice2_hift
     from hellochat_jax.components.speech_lm import weights as cosyvoice2_llm
@@ -80,7 +80,7 @@ def convert_release(
     manifest: dict[str, Any] = {"format": "hellochat-talker", "version": 1, "source": str(release.absolute()), "parts": {}, "copied": [], "notes": []}
 
     def save(part: str, component: str, cfg, model) -> None:
-        save_orbax(model, out / part, component=component, config=config_to_dict(cfg))
+        save_checkpoint(model, cfg, out / part, component)
         manifest["parts"][part] = component
 
     steps = ["llm", "flow", "hift", "s3tokenizer", "files"]
@@ -129,7 +129,7 @@ def _convert_s3tokenizer(release: Path, out: Path, mesh, rules, progress: bool, 
                 "(pip install 'hellochat-jax[onnx]'); voice prompts are unavailable until it is converted"
             )
         raise
-    s3tokenizer.save(model, cfg, out / "s3tokenizer")
+    save_checkpoint(model, cfg, out / "s3tokenizer", s3tokenizer.COMPONENT)
     manifest["parts"]["s3tokenizer"] = s3tokenizer.COMPONENT
     manifest["s3tokenizer_source"] = source.name  # export writes a .pt source back as .pt
     return None
@@ -144,21 +144,13 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
 
 def load_part(folder: str | os.PathLike, part: str, mesh: jax.sharding.Mesh, rules: shd.Rules = shd.DEFAULT_RULES, **overrides: Any):
     """(config, module) of one converted part (`llm`, `flow`, `hift`, `s3tokenizer`)."""
-    from hellochat_jax.checkpoint.io import read_meta, restore_orbax
-    from hellochat_jax.checkpoint.load import classes, config_from_dict
+    from hellochat_jax.checkpoint.io import read_meta
 
     path = Path(folder) / part
-    meta = read_meta(path)
-    data = dict(meta["config"])
-    if part == "llm" and overrides:
-        data["qwen2"] = {**data["qwen2"], **overrides}
-        overrides = {}
-    cfg = config_from_dict(meta["component"], data, **overrides)
-    _, module_cls = classes(meta["component"])
-    from flax import nnx
-
-    abstract = shd.abstract_model(lambda: module_cls(cfg, rngs=nnx.Rngs(0)))
-    return cfg, restore_orbax(abstract, path, mesh, rules)
+    if part == "llm" and overrides:  # the speech LM's overrides are its Qwen2 backbone's
+        overrides = {"qwen2": {**read_meta(path)["config"]["qwen2"], **overrides}}
+    _, cfg, module = load_checkpoint(path, mesh, rules, **overrides)
+    return cfg, module
 
 
 def export_release(talker: str | os.PathLike, out: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, *, progress: bool = True) -> Path:

@@ -22,7 +22,6 @@ time) so memory stays bounded for hours of audio; its output equals ``__call__``
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hellochat_jax.core import dsp
 from hellochat_jax.core.layers import (
     LayerNorm,
     Linear,
@@ -171,45 +171,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # ============================================================================ front end
-# Pure functions of the config: the window and mel bank are constants, not parameters.
+# Pure functions of the config on top of core.dsp: the window and mel bank are constants.
 
 
 def hann_window(cfg: DashengConfig) -> np.ndarray:
     """Periodic Hann window [win_size] (torch.hann_window's default)."""
-    n = np.arange(cfg.win_size, dtype=np.float64)
-    return (0.5 - 0.5 * np.cos(2.0 * np.pi * n / cfg.win_size)).astype(np.float32)
-
-
-def _stft_window(cfg: DashengConfig) -> np.ndarray:
-    """The window zero-padded to n_fft on both sides, as torch.stft centres a shorter one."""
-    left = (cfg.n_fft - cfg.win_size) // 2
-    return np.pad(hann_window(cfg), (left, cfg.n_fft - cfg.win_size - left))
-
-
-def _linspace_f32(start: float, stop: float, num: int) -> np.ndarray:
-    """torch.linspace in float32: the first half counts up from start, the second half down
-    from stop (each with one rounding), which differs from numpy's in the last bit."""
-    start32, stop32 = np.float32(start), np.float32(stop)
-    step = np.float32((np.float64(stop32) - np.float64(start32)) / (num - 1))
-    i = np.arange(num, dtype=np.float64)
-    up = (np.float64(start32) + np.float64(step) * i).astype(np.float32)
-    down = (np.float64(stop32) - np.float64(step) * (num - 1 - i)).astype(np.float32)
-    return np.where(i < num // 2, up, down)
+    return dsp.hann_window(cfg.win_size)
 
 
 def mel_filterbank(cfg: DashengConfig) -> np.ndarray:
-    """HTK triangular mel bank [n_fft // 2 + 1, n_mels], no normalisation, evaluated in float32
-    the way torchaudio.functional.melscale_fbanks does (matches its table to ~2e-6)."""
-    hz_to_mel = lambda f: 2595.0 * math.log10(1.0 + f / 700.0)
-    freqs = _linspace_f32(0, cfg.sample_rate // 2, cfg.n_fft // 2 + 1)
-    mels = _linspace_f32(hz_to_mel(cfg.f_min), hz_to_mel(cfg.f_max), cfg.n_mels + 2)
-    pow10 = np.power(10.0, (mels / np.float32(2595.0)).astype(np.float64)).astype(np.float32)
-    edges = np.float32(700.0) * (pow10 - np.float32(1.0))
-    widths = edges[1:] - edges[:-1]
-    slopes = edges[None, :] - freqs[:, None]
-    down = -slopes[:, :-2] / widths[:-1]
-    up = slopes[:, 2:] / widths[1:]
-    return np.maximum(np.float32(0.0), np.minimum(down, up)).astype(np.float32)
+    """torchaudio's HTK mel bank [n_fft // 2 + 1, n_mels] (no normalisation, float32)."""
+    return dsp.htk_mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.f_min, cfg.f_max)
 
 
 def num_frames(num_samples: int, cfg: DashengConfig) -> int:
@@ -220,31 +192,18 @@ def num_frames(num_samples: int, cfg: DashengConfig) -> int:
 
 def pad_for_stft(waveform: jax.Array | np.ndarray, cfg: DashengConfig):
     """Centre padding: reflect n_fft // 2 samples at both ends (needs more than that many)."""
-    if not cfg.center:
-        return waveform
-    half = cfg.n_fft // 2
-    if waveform.shape[-1] <= half:
-        raise ValueError(f"Dasheng front end: {waveform.shape[-1]} samples are too few to reflect-pad by {half}")
-    xp = jnp if isinstance(waveform, jax.Array) else np
-    return xp.pad(waveform, ((0, 0), (half, half)), mode="reflect")
+    return dsp.pad_ends(waveform, cfg.n_fft // 2) if cfg.center else waveform
 
 
 def power_mel(padded: jax.Array, cfg: DashengConfig, frames: int | None = None) -> jax.Array:
     """Mel power [B, frames, n_mels] of an already padded waveform [B, S']; frame f reads
     samples [f * hop, f * hop + n_fft)."""
-    available = 1 + (padded.shape[-1] - cfg.n_fft) // cfg.hop_size
-    frames = available if frames is None else frames
-    if frames < 1 or frames > available:
-        raise ValueError(f"Dasheng front end: cannot take {frames} frames from {padded.shape[-1]} padded samples")
-    index = np.arange(frames)[:, None] * cfg.hop_size + np.arange(cfg.n_fft)[None, :]
-    windowed = padded.astype(jnp.float32)[:, index] * _stft_window(cfg)
-    spectrum = jnp.fft.rfft(windowed, n=cfg.n_fft, axis=-1)
-    power = jnp.square(spectrum.real) + jnp.square(spectrum.imag)
-    return jnp.dot(power, mel_filterbank(cfg), precision=jax.lax.Precision.HIGHEST)
+    spectrum = dsp.stft(padded, cfg.n_fft, cfg.hop_size, hann_window(cfg), num_frames=frames)
+    return dsp.apply_filterbank(dsp.power_spectrum(spectrum), mel_filterbank(cfg))
 
 
 def to_db(mel: jax.Array) -> jax.Array:
-    return 10.0 * jnp.log10(jnp.maximum(mel, AMIN))
+    return dsp.power_to_db(mel, AMIN)
 
 
 def db_peak(db: jax.Array, cfg: DashengConfig) -> jax.Array:
@@ -257,7 +216,7 @@ def db_peak(db: jax.Array, cfg: DashengConfig) -> jax.Array:
 def floor_db(db: jax.Array, peak: jax.Array, cfg: DashengConfig) -> jax.Array:
     if cfg.top_db is None:
         return db
-    return jnp.maximum(db, peak - cfg.top_db)
+    return dsp.floor_below_peak(db, peak, cfg.top_db)
 
 
 def log_mel(waveform: jax.Array, cfg: DashengConfig) -> jax.Array:

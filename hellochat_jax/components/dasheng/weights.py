@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from hellochat_jax.checkpoint.io import (
     CONV2D,
@@ -29,8 +28,11 @@ from hellochat_jax.checkpoint.io import (
     TensorSource,
     TorchSource,
     Transform,
+    abstract_module,
     export_tensors,
     load_into,
+    save_torch,
+    torch_state_dict,
 )
 from hellochat_jax.components.dasheng.model import (
     DashengConfig,
@@ -84,10 +86,6 @@ TABLE = KeyTable(DASHENG_KEYS)
 WINDOW_KEY, MEL_FB_KEY = "front_end.0.spectrogram.window", "front_end.0.mel_scale.fb"
 
 
-def abstract_encoder(cfg: DashengConfig) -> DashengEncoder:
-    return shd.abstract_model(lambda: DashengEncoder(cfg, rngs=nnx.Rngs(0)))
-
-
 def check_front_end(source: TensorSource, cfg: DashengConfig, *, window_key: str = WINDOW_KEY, fb_key: str = MEL_FB_KEY, what: str = "checkpoint") -> None:
     """Stored front-end buffers must be the ones the config implies (we recompute them)."""
     for key, ours in ((window_key, hann_window(cfg)), (fb_key, mel_filterbank(cfg))):
@@ -112,7 +110,7 @@ def read_release(path: str | os.PathLike) -> tuple[dict[str, Any], TorchSource]:
 def load_from_source(cfg: DashengConfig, source: TensorSource, mesh: jax.sharding.Mesh, rules: shd.Rules = shd.DEFAULT_RULES,
                      *, what: str = "dasheng checkpoint", progress: bool = False) -> DashengEncoder:
     check_front_end(source, cfg, what=what)
-    return load_into(abstract_encoder(cfg), source, TABLE, mesh, rules, what=what, progress=progress)
+    return load_into(abstract_module(DashengEncoder, cfg), source, TABLE, mesh, rules, what=what, progress=progress)
 
 
 def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, rules: shd.Rules = shd.DEFAULT_RULES,
@@ -156,26 +154,14 @@ def _release_order(key: str) -> tuple[int, int, int]:
 
 def state_dict(model: DashengEncoder, cfg: DashengConfig) -> "OrderedDict[str, Any]":
     """Our encoder as the release's torch state dict (front-end buffers included)."""
-    import torch
-
-    window, fb = torchaudio_buffers(cfg)
     tensors = dict(export_tensors(model, TABLE))
-    tensors[WINDOW_KEY], tensors[MEL_FB_KEY] = window, fb
-    out = OrderedDict()
-    for key in sorted(tensors, key=_release_order):
-        value = tensors[key]
-        out[key] = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value, order="C"))
-    return out
+    tensors[WINDOW_KEY], tensors[MEL_FB_KEY] = torchaudio_buffers(cfg)
+    return OrderedDict(torch_state_dict(tensors, _release_order))
 
 
 def export(model: DashengEncoder, cfg: DashengConfig, path: str | os.PathLike) -> Path:
     """Writes a release ``.pt`` that ``dasheng.pretrained.Dasheng.from_pretrained`` loads."""
-    import torch
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": state_dict(model, cfg), "config": cfg.to_release()}, path)
-    return path
+    return save_torch({"model": state_dict(model, cfg), "config": cfg.to_release()}, path)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -32,8 +32,11 @@ from hellochat_jax.checkpoint.io import (
     KeyTable,
     TensorSource,
     TorchSource,
+    abstract_module,
     export_tensors,
     load_into,
+    save_torch,
+    torch_state_dict,
     variable_paths,
 )
 from hellochat_jax.components.flow.conformer import UpsampleEncoderConfig
@@ -328,10 +331,6 @@ def read_config(path: str | os.PathLike, **overrides: Any) -> FlowConfig:
 # ----------------------------------------------------------------------------- load / export
 
 
-def abstract_flow(cfg: FlowConfig) -> FlowDecoder:
-    return shd.abstract_model(lambda: FlowDecoder(cfg, rngs=nnx.Rngs(0)))
-
-
 def load_from_source(
     cfg: FlowConfig,
     source: TensorSource,
@@ -341,7 +340,7 @@ def load_from_source(
     what: str = "flow checkpoint",
     progress: bool = False,
 ) -> FlowDecoder:
-    return load_into(abstract_flow(cfg), source, TABLE, mesh, rules, what=what, progress=progress)
+    return load_into(abstract_module(FlowDecoder, cfg), source, TABLE, mesh, rules, what=what, progress=progress)
 
 
 def random_state_dict(cfg: FlowConfig, seed: int = 0) -> dict[str, np.ndarray]:
@@ -350,7 +349,7 @@ def random_state_dict(cfg: FlowConfig, seed: int = 0) -> dict[str, np.ndarray]:
     norm scales 1 + N(0, 0.2^2), the token table N(0, 1)."""
     rng = np.random.default_rng(seed)
     out = {}
-    for path, var in variable_paths(nnx.state(abstract_flow(cfg))).items():
+    for path, var in variable_paths(nnx.state(abstract_module(FlowDecoder, cfg))).items():
         key, transform = TABLE.to_theirs(path)
         shape, leaf = tuple(var.shape), path.rsplit(".", 1)[-1]
         noise = rng.standard_normal(shape, dtype=np.float32)
@@ -388,12 +387,8 @@ def load(
 def export(model: FlowDecoder, cfg: FlowConfig, path: str | os.PathLike) -> Path:
     """Writes flow.pt (plain float tensors, release key names) and sets the `flow:` entry of
     cosyvoice2.yaml in ``path`` (other sections of an existing yaml are kept)."""
-    import torch
-
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = {key: torch.from_numpy(np.array(value)) for key, value in export_tensors(model, TABLE)}
-    torch.save(state, path / WEIGHTS_NAME)
+    save_torch(torch_state_dict(dict(export_tensors(model, TABLE))), path / WEIGHTS_NAME)
     yaml_file = path / YAML_NAME
     data = load_cosyvoice_yaml(yaml_file) if yaml_file.exists() else {}
     data["flow"] = config_to_yaml(cfg)

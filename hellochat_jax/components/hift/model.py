@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hellochat_jax.core import dsp
 from hellochat_jax.core import sharding as shd
 from hellochat_jax.core.layers import Linear, as_dtype, as_precision
 
@@ -422,72 +423,18 @@ def _linear_upsample_taps(frames: int, factor: int) -> tuple[np.ndarray, np.ndar
 # ----------------------------------------------------------------------------- STFT
 
 
-def _hann(n_fft: int) -> np.ndarray:
-    """Periodic Hann (scipy get_window('hann', n, fftbins=True)) in float32."""
-    return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)).astype(np.float32)
-
-
-def _stft_basis(n_fft: int) -> np.ndarray:
-    """[n_fft, 1, 2 * bins] conv kernel: windowed cos / -sin, giving [Re X_0..X_{n/2}, Im X_0..X_{n/2}]."""
-    n = np.arange(n_fft)[:, None]
-    f = np.arange(n_fft // 2 + 1)[None, :]
-    angle = 2 * np.pi * n * f / n_fft
-    w = _hann(n_fft).astype(np.float64)[:, None]
-    return np.concatenate([w * np.cos(angle), -w * np.sin(angle)], axis=1)[:, None, :].astype(np.float32)
-
-
-def _istft_basis(n_fft: int) -> np.ndarray:
-    """[2 * bins, n_fft]: one-sided spectrum [Re, Im] -> windowed frame (inverse real DFT, 1/n;
-    the imaginary parts of DC and Nyquist drop out, as in a C2R transform)."""
-    bins = n_fft // 2 + 1
-    f = np.arange(bins)[:, None]
-    n = np.arange(n_fft)[None, :]
-    angle = 2 * np.pi * f * n / n_fft
-    weight = np.where((f == 0) | (f == n_fft // 2), 1.0, 2.0) / n_fft
-    w = _hann(n_fft).astype(np.float64)[None, :]
-    real = weight * np.cos(angle) * w
-    imag = -weight * np.sin(angle) * w
-    imag[0] = 0.0
-    imag[n_fft // 2] = 0.0
-    return np.concatenate([real, imag], axis=0).astype(np.float32)
-
-
-def _overlap_add(frames: jax.Array, hop: int) -> jax.Array:
-    """[B, M, n_fft] frames at `hop` spacing -> [B, (M - 1) * hop + n_fft] (n_fft % hop == 0)."""
-    b, m, n_fft = frames.shape
-    q = n_fft // hop
-    parts = frames.reshape(b, m, q, hop)
-    out = sum(jnp.pad(parts[:, :, j], ((0, 0), (j, q - 1 - j), (0, 0))) for j in range(q))
-    return out.reshape(b, (m + q - 1) * hop)
-
-
-def _window_envelope(frames: int, n_fft: int, hop: int) -> np.ndarray:
-    """sum_m w[n - hop m]^2 over the frames that exist (torch.istft's normaliser)."""
-    w2 = np.square(_hann(n_fft))
-    env = np.zeros((frames - 1) * hop + n_fft, np.float32)
-    for m in range(frames):
-        env[m * hop : m * hop + n_fft] += w2
-    return env
-
-
 def stft(x: jax.Array, n_fft: int, hop: int) -> jax.Array:
     """torch.stft(center=True, reflect pad, periodic Hann, onesided) of [B, L] as
     [B, L // hop + 1, 2 * (n_fft // 2 + 1)] = [Re bins, Im bins] (channels-last)."""
-    padded = jnp.pad(x.astype(jnp.float32), ((0, 0), (n_fft // 2, n_fft // 2)), mode="reflect")
-    return _conv(padded[:, :, None], jnp.asarray(_stft_basis(n_fft)), stride=hop, precision=jax.lax.Precision.HIGHEST)
+    spectrum = dsp.stft(x, n_fft, hop, dsp.hann_window(n_fft), pad=n_fft // 2)
+    return jnp.concatenate([spectrum.real, spectrum.imag], axis=-1)
 
 
 def istft(magnitude: jax.Array, phase: jax.Array, n_fft: int, hop: int) -> jax.Array:
     """torch.istft(center=True, periodic Hann, length=None) of magnitude * exp(i phase)
     [B, M, bins] -> [B, (M - 1) * hop]."""
     sin, cos = sin_cos(phase)
-    spectrum = jnp.concatenate([magnitude * cos, magnitude * sin], axis=-1)
-    frames = jnp.dot(spectrum, jnp.asarray(_istft_basis(n_fft)), precision=jax.lax.Precision.HIGHEST)
-    m = frames.shape[1]
-    y = _overlap_add(frames, hop)
-    envelope = _window_envelope(m, n_fft, hop)
-    start, length = n_fft // 2, (m - 1) * hop
-    return y[:, start : start + length] / jnp.asarray(envelope[start : start + length])
+    return dsp.istft(jax.lax.complex(magnitude * cos, magnitude * sin), n_fft, hop, dsp.hann_window(n_fft))
 
 
 # ----------------------------------------------------------------------------- the vocoder
@@ -667,12 +614,14 @@ def fade_window(samples: int) -> np.ndarray:
     return np.hamming(2 * samples).astype(np.float32)
 
 
-def fade_in_out(fade_in: jax.Array, fade_out: jax.Array, window: np.ndarray) -> jax.Array:
+def fade_in_out(fade_in: Any, fade_out: Any, window: np.ndarray) -> np.ndarray:
     """cosyvoice.utils.common.fade_in_out: the first n = len(window) / 2 samples of `fade_in`
     become fade_in[:n] * window[:n] + fade_out[-n:] * window[n:]; the rest is unchanged."""
+    # On the host: chunk lengths vary, and an eager jnp op would compile once per length.
+    fade_in, fade_out = np.asarray(fade_in), np.asarray(fade_out)
     n = window.shape[0] // 2
-    head = fade_in[..., :n] * jnp.asarray(window[:n]) + fade_out[..., -n:] * jnp.asarray(window[n:])
-    return jnp.concatenate([head, fade_in[..., n:]], axis=-1)
+    head = fade_in[..., :n] * window[:n] + fade_out[..., -n:] * window[n:]
+    return np.concatenate([head, fade_in[..., n:]], axis=-1).astype(fade_in.dtype)
 
 
 def stream_step(
@@ -683,25 +632,39 @@ def stream_step(
     key: jax.Array,
     finalize: bool,
     cache_frames: int = MEL_CACHE_FRAMES,
-) -> tuple[jax.Array, StreamCache | None]:
+    pad_to: int | None = None,
+    pad_value: float = 0.0,
+) -> tuple[np.ndarray, StreamCache | None]:
     """Vocodes one chunk of a stream, as CosyVoice2Model.token2wav does after the flow.
 
     mel [B, n_mels, T_chunk] is the new mel (frames not vocoded before); `cache` is None for the
     first chunk. Returns (audio [B, n], cache for the next chunk, or None once `finalize`).
     Unless finalizing, the last cache_frames * samples_per_frame samples are held back and
     faded into the next chunk; concatenating every returned chunk gives the whole utterance.
-    Use a fresh `key` per chunk."""
+    Use a fresh `key` per chunk.
+
+    `pad_to`: the chunk (cached frames included) is padded with `pad_value` frames up to this
+    many frames and the padding's audio cut off, so chunks of different lengths share one
+    compiled vocoder (streaming callers pad to a few fixed buckets). Everything but the
+    vocoder itself runs on the host (numpy), so no chunk length compiles anything else."""
     cfg = vocoder.cfg
-    held = cache_frames * cfg.samples_per_frame
-    mel = jnp.asarray(mel)
+    per = cfg.samples_per_frame
+    held = cache_frames * per
+    mel = np.asarray(jax.device_get(mel))
     if cache is not None:
-        mel = jnp.concatenate([cache.mel.astype(mel.dtype), mel], axis=2)
-    speech, source = synthesize(vocoder, mel, key=key, cache_source=None if cache is None else cache.source)
+        mel = np.concatenate([np.asarray(cache.mel, mel.dtype), mel], axis=2)
+    frames = mel.shape[2]
+    padded = mel
+    if pad_to is not None and pad_to > frames:
+        padded = np.pad(mel, ((0, 0), (0, 0), (0, pad_to - frames)), constant_values=pad_value)
+    speech, source = synthesize(vocoder, padded, key=key, cache_source=None if cache is None else cache.source)
+    speech = np.asarray(jax.device_get(speech))[:, : frames * per]
+    source = np.asarray(jax.device_get(source))[:, : frames * per]
     if cache is not None:
         speech = fade_in_out(speech, cache.speech, fade_window(held))
     if finalize:
         return speech, None
     if speech.shape[1] <= held:
-        raise ValueError(f"stream_step: a chunk must be longer than the {cache_frames} cached frames (got {mel.shape[2]} frames in all)")
+        raise ValueError(f"stream_step: a chunk must be longer than the {cache_frames} cached frames (got {frames} frames in all)")
     new_cache = StreamCache(mel=mel[:, :, -cache_frames:], source=source[:, -held:], speech=speech[:, -held:])
     return speech[:, :-held], new_cache

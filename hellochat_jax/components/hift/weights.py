@@ -2,7 +2,8 @@
 
 `load` reads the release folder (cosyvoice2.yaml for the sizes + hift.pt, read with
 torch.load(weights_only=True)), a hift.pt with the yaml beside it, or a folder written by
-`save` (Orbax). hift.pt comes in two namings of torch's weight norm, both accepted:
+`checkpoint.load.save_checkpoint` (Orbax; what `hellochat convert cosyvoice2-hift` writes).
+hift.pt comes in two namings of torch's weight norm, both accepted:
 
     <module>.parametrizations.weight.original0 / original1   (torch.nn.utils.parametrizations, current code)
     <module>.weight_g / <module>.weight_v                    (torch.nn.utils.weight_norm, older releases)
@@ -27,8 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
-from flax import nnx
 
 from hellochat_jax.checkpoint.cosyvoice_yaml import load_cosyvoice_yaml
 from hellochat_jax.checkpoint.io import (
@@ -42,12 +41,14 @@ from hellochat_jax.checkpoint.io import (
     TensorSource,
     TorchSource,
     Transform,
+    abstract_module,
     export_tensors,
     load_into,
-    read_meta,
-    restore_orbax,
-    save_orbax,
+    save_torch,
+    stripped_source,
+    torch_state_dict,
 )
+from hellochat_jax.checkpoint.load import load_checkpoint
 from hellochat_jax.components.hift.model import HiFTConfig, HiFTVocoder
 from hellochat_jax.core import sharding as shd
 
@@ -122,26 +123,6 @@ def key_rules(naming: str = "parametrizations", prefix: str = "") -> list[KeyRul
 # ----------------------------------------------------------------------------- reading
 
 
-class _StrippedSource(TensorSource):
-    """A view of `source` with `prefix` removed from the keys that start with it."""
-
-    def __init__(self, source: TensorSource, prefix: str):
-        self.source = source
-        self._theirs = {(k[len(prefix):] if k.startswith(prefix) else k): k for k in source.keys()}
-
-    def keys(self):
-        return list(self._theirs)
-
-    def shape(self, key):
-        return self.source.shape(self._theirs[key])
-
-    def nbytes(self, key):
-        return self.source.nbytes(self._theirs[key])
-
-    def get(self, key):
-        return self.source.get(self._theirs[key])
-
-
 def detect_format(keys: list[str]) -> tuple[str, str]:
     """(weight-norm naming, key prefix) of a hift state dict; mixed namings are refused."""
     prefix = PREFIX if keys and all(k.startswith(PREFIX) for k in keys) else ""
@@ -181,10 +162,6 @@ def config_from_yaml(yaml_path: str | os.PathLike, **overrides: Any) -> HiFTConf
         raise CheckpointError(f"{yaml_path}: hift: {e}") from None
 
 
-def abstract_model(cfg: HiFTConfig) -> HiFTVocoder:
-    return shd.abstract_model(lambda: HiFTVocoder(cfg, rngs=nnx.Rngs(0)))
-
-
 def load_source(
     source: TensorSource,
     cfg: HiFTConfig,
@@ -199,7 +176,7 @@ def load_source(
     naming, prefix = detect_format(source.keys())
     cfg = dataclasses.replace(cfg, checkpoint_naming=naming, checkpoint_prefix=prefix)
     table = KeyTable(key_rules(naming))
-    model = load_into(abstract_model(cfg), _StrippedSource(source, PREFIX), table, mesh, rules, what=what, progress=progress)
+    model = load_into(abstract_module(HiFTVocoder, cfg), stripped_source(source, PREFIX), table, mesh, rules, what=what, progress=progress)
     return cfg, model
 
 
@@ -216,25 +193,11 @@ def load(
     mesh = mesh if mesh is not None else shd.make_mesh()
     path = Path(path)
     if path.is_dir() and (path / "hellochat.json").exists():
-        return load_converted(path, mesh, rules, **config_overrides)
+        _, cfg, model = load_checkpoint(path, mesh, rules, component=COMPONENT, **config_overrides)
+        return cfg, model
     pt, yaml = _find_files(path)
     cfg = config_from_yaml(yaml, **config_overrides)
     return load_source(TorchSource(pt), cfg, mesh, rules, what=str(pt), progress=progress)
-
-
-def load_converted(
-    path: str | os.PathLike, mesh: jax.sharding.Mesh, rules: shd.Rules = shd.DEFAULT_RULES, **config_overrides: Any
-) -> tuple[HiFTConfig, HiFTVocoder]:
-    """A folder written by `save` (Orbax + hellochat.json)."""
-    meta = read_meta(path)
-    if meta.get("component") != COMPONENT:
-        raise CheckpointError(f"{path}: holds a {meta.get('component')!r} checkpoint, not {COMPONENT!r}")
-    cfg = HiFTConfig(**{**meta["config"], **config_overrides})
-    return cfg, restore_orbax(abstract_model(cfg), path, mesh, rules)
-
-
-def save(model: HiFTVocoder, cfg: HiFTConfig, out_dir: str | os.PathLike) -> Path:
-    return save_orbax(model, out_dir, component=COMPONENT, config=dataclasses.asdict(cfg))
 
 
 # ----------------------------------------------------------------------------- export
@@ -257,24 +220,16 @@ def _reference_order(key: str) -> tuple:
 
 def export_state_dict(model: HiFTVocoder, cfg: HiFTConfig) -> dict[str, Any]:
     """hift.pt's state dict (torch tensors) in the naming and prefix recorded in `cfg`."""
-    import torch
-
     if model.is_folded:
         raise CheckpointError("this HiFTVocoder has its weight norm folded (fold_weight_norm); export the unfolded model")
     table = KeyTable(key_rules(cfg.checkpoint_naming, cfg.checkpoint_prefix))
-    tensors = dict(export_tensors(model, table))
-    return {k: torch.from_numpy(np.array(tensors[k])) for k in sorted(tensors, key=_reference_order)}
+    return torch_state_dict(dict(export_tensors(model, table)), _reference_order)
 
 
 def export(model: HiFTVocoder, cfg: HiFTConfig, path: str | os.PathLike) -> Path:
     """Writes hift.pt (to `path` if it ends in .pt, else to path/hift.pt). Returns the file."""
-    import torch
-
     path = Path(path)
-    pt = path if path.suffix == ".pt" else path / PT_NAME
-    pt.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(export_state_dict(model, cfg), pt)
-    return pt
+    return save_torch(export_state_dict(model, cfg), path if path.suffix == ".pt" else path / PT_NAME)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -1,5 +1,8 @@
 """MiDashengLM: Dasheng encoder + audio adapter + Qwen2 thinker.
 
+With ``audio_encoder=None`` it is the Qwen2 thinker alone (no encoder, no adapter): a text-only
+Hello-Chat trains and serves through the same class and parameter paths.
+
     waveforms [A, S] --DashengEncoder--> [A, T, D_enc] (25 Hz) --AudioAdapter--> [A, T // 5, D]
     input_ids [B, L] with <|AUDIO|> placeholders --embed_tokens--> [B, L, D]
     placeholder embeddings <- audio rows, in order --Qwen2Thinker--> logits
@@ -32,10 +35,10 @@ from hellochat_jax.components.qwen2.model import Qwen2Config, Qwen2Thinker
 
 @dataclasses.dataclass(frozen=True)
 class MiDashengLMConfig:
-    audio_encoder: DashengConfig = DashengConfig()
+    audio_encoder: DashengConfig | None = DashengConfig()  # None: text only
     text: Qwen2Config = Qwen2Config()
     subsample_factor: int = 5
-    audio_token_id: int = 151646
+    audio_token_id: int | None = 151646
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> "MiDashengLMConfig":
@@ -52,6 +55,8 @@ class MiDashengLMConfig:
         return cls(encoder, text, int(hf.get("subsample_factor", 5)), int(hf["audio_token_id"]), **overrides)
 
     def to_hf(self) -> dict[str, Any]:
+        if self.audio_encoder is None:
+            raise ValueError("a text-only thinker (no audio encoder) has no MiDashengLM config; export its decoder as Qwen2")
         text = self.text.to_hf()
         text.pop("architectures", None)
         dtype = text.pop("torch_dtype", "float32")
@@ -115,11 +120,17 @@ def check_placeholders(input_ids: np.ndarray, lengths: Sequence[int], cfg: MiDas
 class MiDashengLM(nnx.Module):
     def __init__(self, cfg: MiDashengLMConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.audio_encoder = DashengEncoder(cfg.audio_encoder, rngs=rngs)
-        self.audio_projector = AudioAdapter(
-            cfg.audio_encoder.embed_dim, cfg.text.hidden_size, subsample=cfg.subsample_factor,
-            dtype=cfg.text.dtype, param_dtype=cfg.text.param_dtype, precision=cfg.text.precision, rngs=rngs,
-        )
+        encoder = projector = None
+        if cfg.audio_encoder is not None:
+            if cfg.audio_token_id is None:
+                raise ValueError("an audio encoder needs audio_token_id (the <|AUDIO|> placeholder id)")
+            encoder = DashengEncoder(cfg.audio_encoder, rngs=rngs)
+            projector = AudioAdapter(
+                cfg.audio_encoder.embed_dim, cfg.text.hidden_size, subsample=cfg.subsample_factor,
+                dtype=cfg.text.dtype, param_dtype=cfg.text.param_dtype, precision=cfg.text.precision, rngs=rngs,
+            )
+        # Absent parts stay None (static attributes): no variables, no path.
+        self.audio_encoder, self.audio_projector = encoder, projector
         self.decoder = Qwen2Thinker(cfg.text, rngs=rngs)
 
     def encode_audio(self, waveform: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -132,6 +143,27 @@ class MiDashengLM(nnx.Module):
         text = self.decoder.model.embed_tokens(input_ids)
         counts = audio_token_counts(lengths, self.cfg)
         return splice_audio(text, input_ids, audio_embeds, counts, self.cfg.audio_token_id)
+
+    def embed_rows(self, input_ids: jax.Array, audio: jax.Array | None, audio_lengths: jax.Array | None) -> jax.Array:
+        """Token embeddings [B, L, D] of a packed training batch, placeholders filled row by row.
+
+        `audio` [B, A, S] holds each row's clips in the order of its placeholder runs, with
+        `audio_lengths` [B, A] (0 = no clip). Splicing is per row (vmap), so it stays local to
+        the devices that hold the row. Without an encoder or audio: the text embeddings.
+        """
+        embeds = self.decoder.model.embed_tokens(input_ids)
+        if self.audio_encoder is None or audio is None:
+            return embeds
+        b, a, s = audio.shape
+        lengths = audio_lengths.reshape(b * a)
+        audio_embeds, _ = self.encode_audio(audio.reshape(b * a, s), lengths)
+        audio_embeds = audio_embeds.reshape(b, a, *audio_embeds.shape[1:])
+        counts = audio_token_counts(lengths, self.cfg).reshape(b, a)
+
+        def one_row(e, ids, clips, n):
+            return splice_audio(e[None], ids[None], clips, n, self.cfg.audio_token_id)[0]
+
+        return jax.vmap(one_row)(embeds, input_ids, audio_embeds, counts)
 
     def __call__(
         self,

@@ -8,13 +8,11 @@ decoder rows are the dasheng and Qwen2 tables with their prefixes.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import jax
-from flax import nnx
 
 from hellochat_jax.checkpoint.io import (
     TRANSPOSE,
@@ -22,12 +20,13 @@ from hellochat_jax.checkpoint.io import (
     KeyRule,
     KeyTable,
     SafetensorsSource,
-    TensorSource,
+    abstract_module,
+    drop_tied_copy,
     export_tensors,
     keep_stored_dtype,
     load_into,
     read_json_config,
-    save_safetensors,
+    save_hf_folder,
 )
 from hellochat_jax.components.dasheng.weights import DASHENG_KEYS
 from hellochat_jax.components.midashenglm.model import MiDashengLM, MiDashengLMConfig
@@ -55,28 +54,10 @@ TABLE = KeyTable(MIDASHENGLM_KEYS)
 
 def read_config(path: str | os.PathLike, **overrides: Any) -> MiDashengLMConfig:
     hf = read_json_config(path)
-    keep_stored_dtype(hf, overrides)
-    cfg_file = path
     try:
-        return MiDashengLMConfig.from_hf(hf, **overrides)
+        return MiDashengLMConfig.from_hf(hf, **keep_stored_dtype(hf, overrides))
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{cfg_file}: {e}") from None
-
-
-def abstract_model(cfg: MiDashengLMConfig) -> MiDashengLM:
-    return shd.abstract_model(lambda: MiDashengLM(cfg, rngs=nnx.Rngs(0)))
-
-
-def table_for(cfg: MiDashengLMConfig, source: TensorSource, what: str) -> KeyTable:
-    """The key table, with a stored copy of a tied LM head accepted (and checked) but not loaded."""
-    head, emb = "decoder.lm_head.weight", "decoder.model.embed_tokens.weight"
-    if cfg.text.tie_word_embeddings and head in source.keys():
-        import numpy as np
-
-        if not np.array_equal(source.get(head), source.get(emb)):
-            raise CheckpointError(f"{what}: tie_word_embeddings=true but {head} differs from {emb}")
-        return KeyTable([KeyRule(head, None)] + MIDASHENGLM_KEYS)
-    return TABLE
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def load(
@@ -91,17 +72,12 @@ def load(
     mesh = mesh if mesh is not None else shd.make_mesh()
     cfg = read_config(path, **config_overrides)
     source = SafetensorsSource(path)
-    model = load_into(abstract_model(cfg), source, table_for(cfg, source, str(path)), mesh, rules, what=str(path), progress=progress)
+    if cfg.text.tie_word_embeddings:
+        source = drop_tied_copy(source, "decoder.lm_head.weight", "decoder.model.embed_tokens.weight", str(path))
+    model = load_into(abstract_module(MiDashengLM, cfg), source, TABLE, mesh, rules, what=str(path), progress=progress)
     return cfg, model
 
 
 def export(model: MiDashengLM, cfg: MiDashengLMConfig, path: str | os.PathLike, *, max_shard_bytes: int | None = None) -> Path:
     """Writes config.json + model.safetensors (sharded with an index when max_shard_bytes is set)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_safetensors(export_tensors(model, TABLE), path, max_shard_bytes=max_shard_bytes)
-    (path / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
-    return path
-
-
-# ----------------------------------------------------------------------------- CLI
+    return save_hf_folder(export_tensors(model, TABLE), cfg.to_hf(), path, max_shard_bytes=max_shard_bytes)

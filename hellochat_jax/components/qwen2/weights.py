@@ -6,28 +6,26 @@ safetensors + config.json that `transformers.Qwen2ForCausalLM.from_pretrained` l
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
-from flax import nnx
 
 from hellochat_jax.checkpoint.io import (
     IDENTITY,
     TRANSPOSE,
-    CheckpointError,
     KeyRule,
     KeyTable,
     SafetensorsSource,
     TensorSource,
+    abstract_module,
+    drop_tied_copy,
     export_tensors,
     keep_stored_dtype,
     load_into,
     read_json_config,
-    save_safetensors,
+    save_hf_folder,
 )
 from hellochat_jax.components.qwen2.model import Qwen2Config, Qwen2Thinker
 from hellochat_jax.core import sharding as shd
@@ -60,10 +58,6 @@ def read_config(path: str | os.PathLike, **overrides: Any) -> Qwen2Config:
     return Qwen2Config.from_hf(hf, **keep_stored_dtype(hf, overrides))
 
 
-def abstract_thinker(cfg: Qwen2Config) -> Qwen2Thinker:
-    return shd.abstract_model(lambda: Qwen2Thinker(cfg, rngs=nnx.Rngs(0)))
-
-
 def load_from_source(
     cfg: Qwen2Config,
     source: TensorSource,
@@ -73,31 +67,10 @@ def load_from_source(
     what: str = "qwen2 checkpoint",
     progress: bool = False,
 ) -> Qwen2Thinker:
-    """Any tensor source with HF Qwen2 keys (e.g. a PrefixedSource over MiDashengLM's decoder.*)."""
-    if cfg.tie_word_embeddings and "lm_head.weight" in source.keys():
-        # Tied checkpoints sometimes still store a copy; it must equal the embedding.
-        emb, head = source.get("model.embed_tokens.weight"), source.get("lm_head.weight")
-        if not np.array_equal(emb, head):
-            raise CheckpointError(f"{what}: tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight")
-        source = _Without(source, {"lm_head.weight"})
-    return load_into(abstract_thinker(cfg), source, TABLE, mesh, rules, what=what, progress=progress)
-
-
-class _Without(TensorSource):
-    def __init__(self, source: TensorSource, drop: set[str]):
-        self.source, self.drop = source, drop
-
-    def keys(self):
-        return [k for k in self.source.keys() if k not in self.drop]
-
-    def shape(self, key):
-        return self.source.shape(key)
-
-    def nbytes(self, key):
-        return self.source.nbytes(key)
-
-    def get(self, key):
-        return self.source.get(key)
+    """Any tensor source with HF Qwen2 keys (e.g. a prefixed_source over MiDashengLM's decoder.*)."""
+    if cfg.tie_word_embeddings:
+        source = drop_tied_copy(source, "lm_head.weight", "model.embed_tokens.weight", what)
+    return load_into(abstract_module(Qwen2Thinker, cfg), source, TABLE, mesh, rules, what=what, progress=progress)
 
 
 def load(
@@ -117,8 +90,4 @@ def load(
 
 def export(model: Qwen2Thinker, cfg: Qwen2Config, path: str | os.PathLike, *, max_shard_bytes: int | None = None) -> Path:
     """Writes an HF folder: config.json + model.safetensors (sharded with an index if asked)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_safetensors(export_tensors(model, TABLE), path, max_shard_bytes=max_shard_bytes)
-    (path / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
-    return path
+    return save_hf_folder(export_tensors(model, TABLE), cfg.to_hf(), path, max_shard_bytes=max_shard_bytes)

@@ -16,7 +16,6 @@ model_v2.py) does, so a row's tokens do not depend on what it is batched with.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hellochat_jax.core import dsp
 from hellochat_jax.core import sharding as shd
 from hellochat_jax.core.layers import (
     LayerNorm,
@@ -104,19 +104,6 @@ class S3TokenizerConfig:
 # ----------------------------------------------------------------------------- front end
 
 
-@functools.lru_cache(maxsize=None)
-def mel_filters() -> np.ndarray:
-    """[128, 201] Slaney-scale, Slaney-normalised filters (what the package ships as mel_128)."""
-    import librosa
-
-    return librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS).astype(np.float32)
-
-
-def _hann_periodic() -> np.ndarray:
-    n = np.arange(N_FFT, dtype=np.float64)
-    return (0.5 - 0.5 * np.cos(2 * np.pi * n / N_FFT)).astype(np.float32)
-
-
 def log_mel_128(waveforms: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The package's whisper-style log-mel, computed for a batch of rows with their own lengths.
 
@@ -125,28 +112,20 @@ def log_mel_128(waveforms: jax.Array, lengths: jax.Array) -> tuple[jax.Array, ja
 
     Each row is computed as if it stood alone: centred STFT (n_fft 400, hop 160, periodic Hann)
     with reflect padding at the row's *own* ends, the last frame dropped, power spectrum,
-    mel filters, log10 clamped at 1e-10 and at (that row's max - 8), then (x + 4) / 4.
+    Slaney mel filters (librosa's, which the package ships as mel_128), log10 clamped at 1e-10
+    and at (that row's max - 8), then (x + 4) / 4.
     Rows need more than 200 samples (the reflect padding); `tokenize` checks that.
     """
     waveforms = jnp.asarray(waveforms, jnp.float32)
     lengths = jnp.asarray(lengths, jnp.int32)
-    b, n = waveforms.shape
-    frames = n // HOP
-    # Sample index of every tap of every frame, centred: frame t covers [160 t - 200, 160 t + 200).
-    taps = jnp.arange(frames)[:, None] * HOP - N_FFT // 2 + jnp.arange(N_FFT)[None, :]
-    length = lengths[:, None, None]
-    idx = jnp.abs(taps)[None]  # reflect about sample 0
-    idx = jnp.where(idx >= length, 2 * (length - 1) - idx, idx)  # reflect about the row's last sample
-    idx = jnp.clip(idx, 0, n - 1)  # only frames past the row's end reach here; they are zeroed below
-    windows = jax.vmap(lambda w, i: w[i])(waveforms, idx) * _hann_periodic()  # [B, T, 400]
-    spec = jnp.fft.rfft(windows, axis=-1)
-    power = jnp.square(spec.real) + jnp.square(spec.imag)  # [B, T, 201]
-    mel = jnp.einsum("btf,mf->btm", power, mel_filters(), precision=jax.lax.Precision.HIGHEST)
+    frames = waveforms.shape[1] // HOP
+    spectrum = dsp.stft(waveforms, N_FFT, HOP, dsp.hann_window(N_FFT), pad=N_FFT // 2, lengths=lengths, num_frames=frames)
+    mel = dsp.apply_filterbank(dsp.power_spectrum(spectrum), dsp.slaney_mel_filterbank(SAMPLE_RATE, N_FFT, N_MELS))
     log_spec = jnp.log10(jnp.maximum(mel, 1e-10))
     mel_lens = lengths // HOP
     valid = (jnp.arange(frames)[None, :] < mel_lens[:, None])[..., None]
     row_max = jnp.max(jnp.where(valid, log_spec, -jnp.inf), axis=(1, 2), keepdims=True)
-    log_spec = jnp.maximum(log_spec, row_max - 8.0)
+    log_spec = dsp.floor_below_peak(log_spec, row_max, 8.0)
     return jnp.where(valid, (log_spec + 4.0) / 4.0, 0.0), mel_lens
 
 

@@ -14,7 +14,6 @@ Accepted inputs of `load`:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -22,8 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
-from flax import nnx
 
 from hellochat_jax.checkpoint.io import (
     CONV1D,
@@ -35,12 +32,13 @@ from hellochat_jax.checkpoint.io import (
     KeyTable,
     TensorSource,
     TorchSource,
+    abstract_module,
     export_tensors,
     load_into,
-    read_meta,
-    restore_orbax,
-    save_orbax,
+    save_torch,
+    torch_state_dict,
 )
+from hellochat_jax.checkpoint.load import load_checkpoint
 from hellochat_jax.components.s3tokenizer.model import (
     ROPE_DIM,
     S3Tokenizer,
@@ -146,10 +144,6 @@ def open_checkpoint(path: str | os.PathLike, **overrides: Any) -> tuple[S3Tokeni
     return cfg, source
 
 
-def abstract_model(cfg: S3TokenizerConfig) -> S3Tokenizer:
-    return shd.abstract_model(lambda: S3Tokenizer(cfg, rngs=nnx.Rngs(0)))
-
-
 def load(
     path: str | os.PathLike,
     mesh: jax.sharding.Mesh | None = None,
@@ -162,25 +156,11 @@ def load(
     mesh = mesh if mesh is not None else shd.make_mesh()
     path = Path(path)
     if path.is_dir() and (path / "hellochat.json").exists():
-        return load_converted(path, mesh, rules, **config_overrides)
+        _, cfg, model = load_checkpoint(path, mesh, rules, component=COMPONENT, **config_overrides)
+        return cfg, model
     cfg, source = open_checkpoint(path, **config_overrides)
-    model = load_into(abstract_model(cfg), source, TABLE, mesh, rules, what=str(path), progress=progress)
+    model = load_into(abstract_module(S3Tokenizer, cfg), source, TABLE, mesh, rules, what=str(path), progress=progress)
     return cfg, model
-
-
-def load_converted(
-    path: str | os.PathLike, mesh: jax.sharding.Mesh, rules: shd.Rules = shd.DEFAULT_RULES, **config_overrides: Any
-) -> tuple[S3TokenizerConfig, S3Tokenizer]:
-    """A folder written by `save` / `hellochat convert s3tokenizer` (Orbax + hellochat.json)."""
-    meta = read_meta(path)
-    if meta.get("component") != COMPONENT:
-        raise CheckpointError(f"{path}: holds a {meta.get('component')!r} checkpoint, not {COMPONENT!r}")
-    cfg = S3TokenizerConfig(**{**meta["config"], **config_overrides})
-    return cfg, restore_orbax(abstract_model(cfg), path, mesh, rules)
-
-
-def save(model: S3Tokenizer, cfg: S3TokenizerConfig, out_dir: str | os.PathLike) -> Path:
-    return save_orbax(model, out_dir, component=COMPONENT, config=dataclasses.asdict(cfg))
 
 
 # ----------------------------------------------------------------------------- export
@@ -198,22 +178,15 @@ def _reference_order(key: str) -> tuple[int, int, int]:
 
 def export_state_dict(model: S3Tokenizer) -> dict[str, Any]:
     """The package's state dict (torch tensors), gathered one tensor at a time."""
-    import torch
-
-    tensors = dict(export_tensors(model, TABLE))
-    return {k: torch.from_numpy(np.array(tensors[k], order="C")) for k in sorted(tensors, key=_reference_order)}
+    return torch_state_dict(dict(export_tensors(model, TABLE)), _reference_order)
 
 
 def export(model: S3Tokenizer, cfg: S3TokenizerConfig, path: str | os.PathLike) -> Path:
     """Writes the package's format and returns the .pt path: into a folder, speech_tokenizer_v2_25hz.pt
     plus config.json (the package's ModelConfig); to a path ending in .pt, that file alone (e.g.
     into a release folder: the sizes are read back off the tensor shapes)."""
-    import torch
-
     path = Path(path)
-    pt = path if path.suffix == ".pt" else path / PT_NAME
-    pt.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(export_state_dict(model), pt)
+    pt = save_torch(export_state_dict(model), path if path.suffix == ".pt" else path / PT_NAME)
     if path.suffix != ".pt":
         (path / "config.json").write_text(json.dumps(cfg.to_reference(), indent=2))
     return pt

@@ -25,13 +25,13 @@ prompt text (float32 product, truncated).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.special
 from flax import nnx
 
 from hellochat_jax.components.qwen2.model import (
@@ -41,6 +41,24 @@ from hellochat_jax.components.qwen2.model import (
     init_cache,
 )
 from hellochat_jax.core import sharding as shd
+from hellochat_jax.core.decoding import (
+    DecodeState,
+    Greedy,
+    Nucleus,
+    RepetitionAware,
+    RowLimits,
+    SamplingMethod,
+    StepRules,
+    decode,
+    extend,
+    initial_state,
+    mesh_context,
+    prefill,
+    round_up,
+    row_limits,
+    sampling_from_dict,
+    sampling_to_dict,
+)
 from hellochat_jax.core.layers import Embed, Linear, as_dtype
 from hellochat_jax.core.sharding import constrain
 
@@ -51,30 +69,13 @@ PAD, TEXT, SPEECH, SOS, TASK = 0, 1, 2, 3, 4
 
 
 @dataclasses.dataclass(frozen=True)
-class RasConfig:
-    """Repetition-aware sampling (VALL-E 2), CosyVoice 2's default: nucleus sampling (top-p over
-    the full distribution, at most top-k tokens); if the drawn token occurs in the last
-    `win_size` emitted tokens at least `win_size * tau_r` times, it is banned and the token is
-    drawn again from the full distribution. `greedy=True` takes the argmax instead."""
-
-    greedy: bool = False
-    top_p: float = 0.8
-    top_k: int = 25
-    win_size: int = 10
-    tau_r: float = 0.1
-
-
-GREEDY = RasConfig(greedy=True)
-
-
-@dataclasses.dataclass(frozen=True)
 class SpeechTokenLMConfig:
     qwen2: Qwen2Config = Qwen2Config()
     speech_token_size: int = 6561
     length_normalized_loss: bool = True
     lsm_weight: float = 0.0
     mix_ratio: tuple[int, int] = (5, 15)
-    sampling: RasConfig = RasConfig()
+    sampling: SamplingMethod = RepetitionAware(Nucleus(top_p=0.8, top_k=25, full_mass=True), window=10, tau_r=0.1)
     # True when the backbone's checkpoint holds an untied text LM head; the speech LM never
     # uses it, it is kept (not trained) only so export reproduces the checkpoint.
     keep_text_lm_head: bool = False
@@ -104,6 +105,7 @@ class SpeechTokenLMConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["mix_ratio"] = list(self.mix_ratio)
+        d["sampling"] = sampling_to_dict(self.sampling)
         return d
 
     @classmethod
@@ -112,7 +114,7 @@ class SpeechTokenLMConfig:
         if isinstance(d.get("qwen2"), dict):
             d["qwen2"] = Qwen2Config(**d["qwen2"])
         if isinstance(d.get("sampling"), dict):
-            d["sampling"] = RasConfig(**d["sampling"])
+            d["sampling"] = sampling_from_config(d["sampling"])
         if "mix_ratio" in d:
             d["mix_ratio"] = tuple(d["mix_ratio"])
         return cls(**d)
@@ -287,13 +289,13 @@ def training_batch(
 # ----------------------------------------------------------------------------- loss
 
 
-def speech_token_loss(logits: jax.Array, targets: jax.Array, *, lsm_weight: float = 0.0, length_normalized: bool = True) -> tuple[jax.Array, jax.Array]:
-    """(loss, accuracy) as the reference's LabelSmoothingLoss + th_accuracy.
+def speech_token_terms(logits: jax.Array, targets: jax.Array, lsm_weight: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per position (loss term, argmax == target, target != -1) of the reference's
+    LabelSmoothingLoss + th_accuracy; the first two are zero where the target is -1.
 
-    loss = sum over positions with target != -1 of KL(smoothed one-hot || softmax(logits)),
-    divided by the number of such positions (length_normalized) or by the batch size.
-    With lsm_weight 0 this is the mean cross-entropy. Accuracy is argmax == target over the
-    same positions.
+    The term is KL(smoothed one-hot || softmax(logits)): the cross-entropy when lsm_weight is
+    0. `speech_token_loss` normalises their sums over one batch, the trainer over a whole
+    accumulated step.
     """
     logits = logits.astype(jnp.float32)
     v = logits.shape[-1]
@@ -305,16 +307,24 @@ def speech_token_loss(logits: jax.Array, targets: jax.Array, *, lsm_weight: floa
         # KL(t || p) = sum_v t_v log t_v - sum_v t_v logp_v with t = conf at the target and
         # lsm_weight / (V - 1) elsewhere.
         conf, other = 1.0 - lsm_weight, lsm_weight / (v - 1)
-        neg_entropy = float(jax.scipy.special.xlogy(conf, conf) + (v - 1) * jax.scipy.special.xlogy(other, other))
+        # A host constant (scipy, not jax): it must stay concrete under jax.checkpoint.
+        neg_entropy = float(scipy.special.xlogy(conf, conf) + (v - 1) * scipy.special.xlogy(other, other))
         per = neg_entropy - conf * logp_target - other * (jnp.sum(logp, -1) - logp_target)
     else:
         per = -logp_target
-    total = jnp.sum(jnp.where(valid, per, 0.0))
+    correct = valid & (jnp.argmax(logits, -1) == targets)
+    return jnp.where(valid, per, 0.0), correct, valid
+
+
+def speech_token_loss(logits: jax.Array, targets: jax.Array, *, lsm_weight: float = 0.0, length_normalized: bool = True) -> tuple[jax.Array, jax.Array]:
+    """(loss, accuracy) as the reference's LabelSmoothingLoss + th_accuracy: the sum of
+    `speech_token_terms` divided by the number of positions with target != -1
+    (length_normalized) or by the batch size; accuracy over the same positions."""
+    per, correct, valid = speech_token_terms(logits, targets, lsm_weight)
     count = jnp.sum(valid)
     denom = count if length_normalized else targets.shape[0]
-    loss = total / jnp.maximum(denom, 1)
-    correct = jnp.sum(valid & (jnp.argmax(logits, -1) == targets))
-    acc = correct / jnp.maximum(count, 1)
+    loss = jnp.sum(per) / jnp.maximum(denom, 1)
+    acc = jnp.sum(correct) / jnp.maximum(count, 1)
     return loss, acc
 
 
@@ -325,40 +335,25 @@ def loss_fn(model: SpeechTokenLM, ids: jax.Array, kinds: jax.Array, targets: jax
     return loss, {"loss": loss, "acc": acc}
 
 
-# ----------------------------------------------------------------------------- sampling
+# ----------------------------------------------------------------------------- decoding
+#
+# Both decoders below run core.decoding's one loop; what is the speech LM's own is how a
+# prompt and a drawn token are embedded (`speech_prompt`, `speech_feed`) and the step rules.
 
 
-def nucleus_sample(logp: jax.Array, key: jax.Array, top_p: float, top_k: int) -> jax.Array:
-    """The reference's nucleus_sampling: walking the tokens from most to least likely, keep
-    one while the probability mass before it is < top_p and fewer than top_k are kept; draw
-    among those in proportion to their probabilities. logp [B, V] -> [B].
-
-    Only the top_k best can be kept, so this takes lax.top_k instead of sorting the whole
-    vocabulary (generate.top_p_filter's way), which costs more than the LM step at V = 6564."""
-    k = min(top_k, logp.shape[-1]) if top_k > 0 else logp.shape[-1]
-    best, index = jax.lax.top_k(logp, k)  # descending
-    probs = jnp.exp(best - jax.nn.logsumexp(logp, axis=-1, keepdims=True))  # of the FULL distribution
-    before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (before < top_p) | (jnp.arange(k) == 0)
-    pick = jax.random.categorical(key, jnp.where(keep, best, -jnp.inf), axis=-1)
-    return jnp.take_along_axis(index, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
+def cosyvoice_ras(top_p: float = 0.8, top_k: int = 25, win_size: int = 10, tau_r: float = 0.1) -> SamplingMethod:
+    """CosyVoice 2's ras_sampling with the release yaml's argument names."""
+    return RepetitionAware(Nucleus(top_p=top_p, top_k=top_k, full_mass=True), window=win_size, tau_r=tau_r)
 
 
-def ras_sample(logp: jax.Array, history: jax.Array, key: jax.Array, cfg: RasConfig) -> jax.Array:
-    """One token per row. logp [B, V] (already masked), history [B, W] (-1 = empty)."""
-    if cfg.greedy:
-        return jnp.argmax(logp, axis=-1).astype(jnp.int32)
-    k_nucleus, k_full = jax.random.split(key)
-    first = nucleus_sample(logp, k_nucleus, cfg.top_p, cfg.top_k)
-    repeats = jnp.sum(history == first[:, None], axis=-1)
-    banned = jnp.where(jnp.arange(logp.shape[-1])[None, :] == first[:, None], -jnp.inf, logp)
-    again = jax.random.categorical(k_full, banned, axis=-1).astype(jnp.int32)
-    return jnp.where(repeats >= cfg.win_size * cfg.tau_r, again, first)
-
-
-def _push(history: jax.Array, tokens: jax.Array, where: jax.Array) -> jax.Array:
-    shifted = jnp.concatenate([history[:, 1:], tokens[:, None]], axis=1)
-    return jnp.where(where[:, None], shifted, history)
+def sampling_from_config(d: dict[str, Any]) -> SamplingMethod:
+    """`SpeechTokenLMConfig.sampling` from a saved dict; also reads the older RasConfig form
+    ({"greedy", "top_p", "top_k", "win_size", "tau_r"}) of checkpoints converted before."""
+    if "method" in d:
+        return sampling_from_dict(d)
+    if d.get("greedy"):
+        return Greedy()
+    return cosyvoice_ras(**{k: d[k] for k in ("top_p", "top_k", "win_size", "tau_r") if k in d})
 
 
 def length_limits(text_len: int, min_ratio: float, max_ratio: float) -> tuple[int, int]:
@@ -366,67 +361,32 @@ def length_limits(text_len: int, min_ratio: float, max_ratio: float) -> tuple[in
     return int(np.float32(text_len) * np.float32(min_ratio)), int(np.float32(text_len) * np.float32(max_ratio))
 
 
-# ----------------------------------------------------------------------------- decoding
-
-
-class DecodeState(NamedTuple):
-    """Everything the decode loop carries; resumable, so tokens can be streamed in chunks."""
-
-    step: jax.Array  # [] decode steps taken
-    logits: jax.Array  # [B, V] f32, scores for the next step
-    cache: KVCache
-    history: jax.Array  # [B, W] last emitted tokens (-1 = none yet)
-    tokens: jax.Array  # [B, N] emitted tokens (pad -1 beyond lengths)
-    lengths: jax.Array  # [B]
-    done: jax.Array  # [B]
-    key: jax.Array
-    logp: jax.Array | None  # [B, N, V] per-step log-probs before the eos mask (if recorded)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "max_steps", "window", "record_logp"))
-def _prefill(graphdef, state, ids, kinds, max_len, key, cache_len, max_steps, window, record_logp) -> DecodeState:
-    model = nnx.merge(graphdef, state)
-    b = ids.shape[0]
-    cache = model.init_cache(b, cache_len)
+def speech_prompt(model: SpeechTokenLM, inputs: tuple[jax.Array, jax.Array], cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """inputs: (ids, kinds) [B, T], PAD kinds masked out."""
+    ids, kinds = inputs
     logits, cache = model(ids, kinds, attention_mask=(kinds != PAD).astype(jnp.int32), cache=cache)
-    logits = logits[:, -1].astype(jnp.float32)
-    logp = jnp.zeros((b, max_steps, logits.shape[-1]), jnp.float32) if record_logp else None
-    return DecodeState(
-        jnp.zeros((), jnp.int32), logits, cache, jnp.full((b, window), -1, jnp.int32),
-        jnp.full((b, max_steps), -1, jnp.int32), jnp.zeros((b,), jnp.int32), max_len <= 0, key, logp,
-    )
+    return logits[:, -1].astype(jnp.float32), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("ds",))
-def _decode(graphdef, state, ds: DecodeState, min_len, max_len, until, sampling: RasConfig) -> DecodeState:
-    """Decodes until every row is done or `until` steps are taken (one compile per shape)."""
-    model = nnx.merge(graphdef, state)
-    eos = model.cfg.eos
-    max_steps = ds.tokens.shape[1]
-
-    def cond(ds):
-        return (ds.step < jnp.minimum(until, max_steps)) & ~jnp.all(ds.done)
-
-    def body(ds):
-        key, sub = jax.random.split(ds.key)
-        logp = jax.nn.log_softmax(ds.logits, axis=-1)
-        rec = ds.logp.at[:, ds.step].set(logp) if ds.logp is not None else None
-        vocab = jnp.arange(logp.shape[-1])[None, :]
-        masked = jnp.where((ds.step < min_len)[:, None] & (vocab == eos), -jnp.inf, logp)
-        tok = ras_sample(masked, ds.history, sub, sampling)
-        emit = ~ds.done & (tok < eos)  # eos, S+1 and fill all stop the row
-        tokens = ds.tokens.at[:, ds.step].set(jnp.where(emit, tok, -1))
-        lengths = ds.lengths + emit
-        done = ds.done | ~emit | (lengths >= max_len)
-        feed = jnp.where(emit, tok, 0)[:, None]
-        logits, cache = model(feed, jnp.full_like(feed, SPEECH), attention_mask=emit[:, None].astype(jnp.int32), cache=ds.cache)
-        return DecodeState(ds.step + 1, logits[:, -1].astype(jnp.float32), cache, _push(ds.history, tok, emit), tokens, lengths, done, key, rec)
-
-    return jax.lax.while_loop(cond, body, ds)
+def speech_feed(model: SpeechTokenLM, tokens: jax.Array, live: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    ids = tokens[:, None]
+    logits, cache = model(ids, jnp.full_like(ids, SPEECH), attention_mask=live[:, None].astype(jnp.int32), cache=cache)
+    return logits[:, -1].astype(jnp.float32), cache
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return max(multiple, -(-n // multiple) * multiple)
+def unistream_rules(cfg: SpeechTokenLMConfig) -> StepRules:
+    """The reference's rule: eos masked below min_len; eos, S+1 and fill all end a row."""
+    S = cfg.speech_token_size
+    return StepRules(speech_feed, stop_ids=(S, S + 1, S + 2), min_len_banned=(S,), pad_id=-1, log_probs=True)
+
+
+def bistream_rules(cfg: SpeechTokenLMConfig, final: bool) -> StepRules:
+    """A streaming segment draws speech or fill (fill forced every b + 1 tokens) and ends on
+    fill; the final one draws speech or eos. The reference raises on the other non-speech
+    ids; we never draw them."""
+    S = cfg.speech_token_size
+    banned = (S + 1, S + 2) if final else (S, S + 1)
+    return StepRules(speech_feed, stop_ids=(S, S + 1, S + 2), banned_ids=banned, force_id=None if final else S + 2, pad_id=-1, log_probs=True)
 
 
 @dataclasses.dataclass
@@ -440,9 +400,8 @@ class SpeechDecoder:
 
     model: SpeechTokenLM
     ds: DecodeState
-    min_len: jax.Array
-    max_len: jax.Array
-    sampling: RasConfig
+    limits: RowLimits
+    sampling: SamplingMethod
     graphdef: Any
     state: Any
     mesh: Any = None
@@ -458,7 +417,7 @@ class SpeechDecoder:
         *,
         min_ratio: float = 2.0,
         max_ratio: float = 20.0,
-        sampling: RasConfig | None = None,
+        sampling: SamplingMethod | None = None,
         key: jax.Array | None = None,
         record_logp: bool = False,
         mesh: jax.sharding.Mesh | None = None,
@@ -476,27 +435,26 @@ class SpeechDecoder:
             for name, seq, hi in (("text", list(t) + list(pt), cfg.qwen2.vocab_size), ("prompt speech", ps, cfg.speech_token_size)):
                 if len(seq) and (min(seq) < 0 or max(seq) >= hi):
                     raise ValueError(f"row {i}: {name} ids must lie in [0, {hi}); got {min(seq)}..{max(seq)}")
-        limits = [length_limits(len(t), min_ratio, max_ratio) for t in texts]
-        min_len = np.asarray([lo for lo, _ in limits], np.int32)
-        max_len = np.asarray([hi for _, hi in limits], np.int32)
+        lengths = np.asarray([length_limits(len(t), min_ratio, max_ratio) for t in texts], np.int32).reshape(n, 2)
+        limits = row_limits(n, min_len=lengths[:, 0], max_len=lengths[:, 1])
         batch = pad_batch([inference_layout(t, pt, ps) for t, pt, ps in zip(texts, prompt_texts, prompt_speech)], left=True, multiple=multiple)
-        max_steps = _round_up(int(max_len.max()), multiple)
-        cache_len = batch.ids.shape[1] + max_steps
+        max_steps = round_up(int(lengths[:, 1].max()), multiple)
         sampling = sampling or cfg.sampling
         key = jax.random.key(0) if key is None else key
         graphdef, state = nnx.split(model)
-        with _mesh_ctx(mesh):
+        with mesh_context(mesh):
             if mesh is not None:
-                ids, kinds, max_len_d, min_len_d = shd.put_batch((batch.ids, batch.kinds, max_len, min_len), mesh, shd.current_rules())
+                ids, kinds, limits = shd.put_batch((batch.ids, batch.kinds, limits), mesh, shd.current_rules())
             else:
-                ids, kinds, max_len_d, min_len_d = map(jnp.asarray, (batch.ids, batch.kinds, max_len, min_len))
-            ds = _prefill(graphdef, state, ids, kinds, max_len_d, key, cache_len, max_steps, max(1, sampling.win_size), record_logp)
-        return cls(model, ds, min_len_d, max_len_d, sampling, graphdef, state, mesh, np.zeros(n, np.int64))
+                ids, kinds, limits = jnp.asarray(batch.ids), jnp.asarray(batch.kinds), RowLimits(*map(jnp.asarray, limits))
+            scores, cache = prefill(graphdef, state, (ids, kinds), prompt=speech_prompt, cache_len=batch.ids.shape[1] + max_steps)
+            ds = initial_state(scores, cache, key, max_steps=max_steps, sampler=sampling, pad_id=-1, done=limits.max_len <= 0, record_logp=record_logp)
+        return cls(model, ds, limits, sampling, graphdef, state, mesh, np.zeros(n, np.int64))
 
     def advance(self, steps: int | None = None) -> "SpeechDecoder":
         until = self.ds.tokens.shape[1] if steps is None else int(self.ds.step) + int(steps)
-        with _mesh_ctx(self.mesh):
-            self.ds = _decode(self.graphdef, self.state, self.ds, self.min_len, self.max_len, jnp.asarray(until, jnp.int32), self.sampling)
+        with mesh_context(self.mesh):
+            self.ds = decode(self.graphdef, self.state, self.ds, self.limits, jnp.asarray(until, jnp.int32), rules=unistream_rules(self.model.cfg), sampler=self.sampling)
         return self
 
     @property
@@ -547,63 +505,25 @@ def stream(
 # ----------------------------------------------------------------------------- bistream decoding
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _feed(graphdef, state, ids, kinds, cache):
-    """Appends positions to the cache; returns the scores after the last one."""
-    model = nnx.merge(graphdef, state)
-    logits, cache = model(ids, kinds, attention_mask=(kinds != PAD).astype(jnp.int32), cache=cache)
-    return logits[:, -1].astype(jnp.float32), cache
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "final", "max_tokens"), donate_argnames=("cache",))
-def _segment(graphdef, state, logits, cache, history, key, n_out, next_fill, budget, sampling, final, max_tokens):
-    """Decodes one bistream segment (batch 1): until a fill token (streaming phase) or eos
-    (final phase), or `budget` tokens. Fill positions are forced as the reference does."""
-    model = nnx.merge(graphdef, state)
-    S = model.cfg.speech_token_size
-    eos, fill, b = S, S + 2, model.cfg.mix_ratio[1]
-    vocab = jnp.arange(logits.shape[-1])[None, :]
-    # The reference raises if a non-speech token other than the phase's own stop comes up;
-    # we never draw one: streaming phase draws speech or fill, the final phase speech or eos.
-    banned = (vocab == eos) | (vocab == S + 1) if not final else (vocab == fill) | (vocab == S + 1)
-
-    def cond(c):
-        i, _, _, _, _, _, _, stop = c
-        return (i < jnp.minimum(budget, max_tokens)) & ~stop  # budget counts fill/eos too
-
-    def body(c):
-        i, logits, cache, history, key, next_fill, out, _ = c
-        key, sub = jax.random.split(key)
-        logp = jnp.where(banned, -jnp.inf, jax.nn.log_softmax(logits, axis=-1))
-        tok = ras_sample(logp, history, sub, sampling)
-        if not final:
-            forced = (next_fill >= 0) & (n_out + i == next_fill)
-            tok = jnp.where(forced, fill, tok)
-            next_fill = jnp.where(tok[0] == fill, n_out + i + b + 1, next_fill)
-        out = out.at[i].set(tok[0])
-        stop = tok[0] >= S
-        history = _push(history, tok, jnp.ones((1,), bool))
-        # A stop token is not fed back: its slot is written masked out (never attended, no
-        # position), and the scores stay those before it.
-        feed = jnp.where(stop, 0, tok)[:, None]
-        new_logits, cache = model(feed, jnp.full_like(feed, SPEECH), attention_mask=(~stop).astype(jnp.int32).reshape(1, 1), cache=cache)
-        logits = jnp.where(stop, logits, new_logits[:, -1].astype(jnp.float32))
-        return i + 1, logits, cache, history, key, next_fill, out, stop
-
-    out = jnp.full((max_tokens,), -1, jnp.int32)
-    c = (jnp.zeros((), jnp.int32), logits, cache, history, key, next_fill, out, jnp.zeros((), bool))
-    i, logits, cache, history, key, next_fill, out, stop = jax.lax.while_loop(cond, body, c)
-    return logits, cache, history, key, next_fill, out, i
-
-
 class BistreamDecoder:
     """Speech tokens for text that arrives in pieces (e.g. from the thinker), batch 1.
 
-    The layout is the bistream training layout: [sos], then per a text tokens (a, b =
-    mix_ratio) the text chunk and b speech tokens closed by a fill token (which is never fed
-    back), and once the text ends, the remaining text, the task id and speech up to eos. A
-    voice prompt's text and speech tokens are interleaved into the same layout first; the
-    first fill index follows the prompt speech length as in the reference.
+    Use:
+        dec = BistreamDecoder(llm, prompt_text, prompt_speech, sampling=..., key=...)
+        for text_ids in thinker_token_stream:      # any number of ids per call, even 0
+            speech = dec.push_text(text_ids)       # speech tokens decodable so far (maybe [])
+        speech = dec.finish()                      # the rest, up to eos; push_text is then refused
+
+    Every returned list holds only speech tokens (0..S-1), in order, and each token is returned
+    once. `push_text` decodes only once a full chunk of a text tokens (a, b = mix_ratio) is
+    there, so fewer tokens may come back than were pushed; `finish` flushes everything.
+
+    The layout is the bistream training layout: [sos], then per a text tokens the text chunk
+    and b speech tokens closed by a fill token (which is never fed back), and once the text
+    ends, the remaining text, the task id and speech up to eos. A voice prompt's text and
+    speech tokens are interleaved into the same layout first; the first fill index follows the
+    prompt speech length as in the reference. Each decode segment (up to a fill, or up to eos)
+    is one call of core.decoding's loop; the cache, scores and RAS window carry over.
     Differences from the reference's `inference_bistream`, on purpose: (1) its final phase
     re-feeds the last already-cached input when the previous segment ended on a fill token
     (one duplicated position the training layout never has); we do not. (2) It raises when
@@ -617,7 +537,7 @@ class BistreamDecoder:
         prompt_text: Sequence[int] = (),
         prompt_speech: Sequence[int] = (),
         *,
-        sampling: RasConfig | None = None,
+        sampling: SamplingMethod | None = None,
         key: jax.Array | None = None,
         max_ratio: float = 20.0,
         capacity: int = 512,
@@ -633,28 +553,28 @@ class BistreamDecoder:
         self.prompt_speech = [int(s) for s in prompt_speech]
         b = self.cfg.mix_ratio[1]
         self.next_fill = (len(self.prompt_speech) // b + 1) * b - len(self.prompt_speech)
-        self.out: list[int] = []  # emitted tokens including fill tokens (the RAS window sees them)
+        self.out: list[int] = []  # drawn tokens including fill tokens (the RAS window sees them)
         self.text_len = 0
         self.fed = 0
         self.capacity = capacity
-        with _mesh_ctx(mesh):
+        with mesh_context(mesh):
             self.cache = model.init_cache(1, capacity)
-            self.history = jnp.full((1, max(1, self.sampling.win_size)), -1, jnp.int32)
-        self.logits = None
+            self.recent = jnp.full((1, max(1, self.sampling.recent_tokens)), -1, jnp.int32)
+        self.scores = None
         self.finished = False
 
     def _flush(self) -> None:
         if not self.pending:
             return
         n = len(self.pending)
-        t = _round_up(n, 8)
+        t = round_up(n, 8)
         ids = np.zeros((1, t), np.int32)
         kinds = np.full((1, t), PAD, np.int32)
         ids[0, t - n :] = [i for i, _ in self.pending]
         kinds[0, t - n :] = [k for _, k in self.pending]
         self._reserve(t)
-        with _mesh_ctx(self.mesh):
-            self.logits, self.cache = _feed(self.graphdef, self.state, jnp.asarray(ids), jnp.asarray(kinds), self.cache)
+        with mesh_context(self.mesh):
+            self.scores, self.cache = extend(self.graphdef, self.state, (jnp.asarray(ids), jnp.asarray(kinds)), self.cache, prompt=speech_prompt)
         self.fed += t
         self.pending = []
 
@@ -662,33 +582,36 @@ class BistreamDecoder:
         """Grows the cache when `n` more slots would not fit (a copy and one new compile)."""
         if self.fed + n <= self.capacity:
             return
-        grow = _round_up(self.fed + n - self.capacity, 512)
+        grow = round_up(self.fed + n - self.capacity, 512)
         c = self.cache
         pad = lambda x, axis: jnp.concatenate([x, jnp.zeros(x.shape[:axis] + (grow,) + x.shape[axis + 1 :], x.dtype)], axis)
         self.cache = KVCache(pad(c.k, 2), pad(c.v, 2), pad(c.mask, 1), c.index)
         self.capacity += grow
 
     def _decode(self, final: bool) -> list[int]:
+        """One segment: up to a fill token (streaming) or eos (final), within the length budget."""
         self._flush()
         limit = int(np.float32(self.text_len) * np.float32(self.max_ratio))
-        budget = limit - sum(t < self.cfg.speech_token_size for t in self.out)
+        budget = limit - sum(t < self.cfg.speech_token_size for t in self.out)  # counts fill/eos too
         if budget <= 0:
             return []
-        max_tokens = self.cfg.mix_ratio[1] + 1 if not final else _round_up(budget + 1, 64)
+        max_tokens = self.cfg.mix_ratio[1] + 1 if not final else round_up(budget + 1, 64)
         self._reserve(max_tokens)
         self.key, sub = jax.random.split(self.key)
-        with _mesh_ctx(self.mesh):
-            self.logits, self.cache, self.history, _, next_fill, out, n = _segment(
-                self.graphdef, self.state, self.logits, self.cache, self.history, sub,
-                jnp.asarray(len(self.out), jnp.int32), jnp.asarray(self.next_fill, jnp.int32),
-                jnp.asarray(budget, jnp.int32), self.sampling, final, max_tokens,
+        with mesh_context(self.mesh):
+            ds = initial_state(self.scores, self.cache, sub, max_steps=max_tokens, sampler=self.sampling, recent=self.recent, pad_id=-1)
+            ds = decode(
+                self.graphdef, self.state, ds, row_limits(1, force_step=self.next_fill - len(self.out)),
+                jnp.asarray(min(budget, max_tokens), jnp.int32), rules=bistream_rules(self.cfg, final), sampler=self.sampling,
             )
-        n = int(n)
-        toks = np.asarray(jax.device_get(out))[:n].tolist()
-        self.next_fill = int(next_fill)
-        self.out += toks
-        self.fed += n  # every step wrote one cache slot (a stop token's slot masked out)
-        return [t for t in toks if t < self.cfg.speech_token_size]
+        self.scores, self.cache, self.recent = ds.scores, ds.cache, ds.history.recent
+        n_emitted, stop = int(ds.lengths[0]), int(ds.stop_token[0])
+        speech = np.asarray(jax.device_get(ds.tokens))[0, :n_emitted].tolist()
+        self.out += speech + ([stop] if stop >= 0 else [])
+        if stop == self.cfg.fill:
+            self.next_fill = len(self.out) + self.cfg.mix_ratio[1]
+        self.fed += int(ds.step)  # every step wrote one cache slot (a stop token's slot masked out)
+        return speech
 
     def push_text(self, text: Sequence[int]) -> list[int]:
         """Adds text tokens; returns the speech tokens that can be decoded so far."""
@@ -747,15 +670,3 @@ def stream_bistream(
     got = dec.finish()
     if got:
         yield got
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-def _mesh_ctx(mesh):
-    return jax.set_mesh(mesh) if mesh is not None else _null()

@@ -12,6 +12,7 @@ from flax import nnx
 from hellochat_jax.components.speech_lm import model as slm
 from hellochat_jax.components.speech_lm import weights as cosyvoice2_llm
 from hellochat_jax.core import sharding as shd
+from hellochat_jax.core.decoding import Greedy
 
 
 @nnx.jit
@@ -52,7 +53,7 @@ def run(case, mesh, rules) -> dict[str, np.ndarray]:
     dec = slm.SpeechDecoder.start(
         model, [text], [prompt_text], [prompt_speech],
         min_ratio=float(x["min_token_text_ratio"][0]), max_ratio=float(x["max_token_text_ratio"][0]),
-        sampling=slm.GREEDY, record_logp=True, mesh=mesh,
+        sampling=Greedy(), record_logp=True, mesh=mesh,
     ).advance()
     tokens, lengths = dec.result()
     steps = int(dec.ds.step)

@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from hellochat_jax.checkpoint.cosyvoice_yaml import Tagged, load_cosyvoice_yaml
 from hellochat_jax.checkpoint.io import (
@@ -29,20 +28,25 @@ from hellochat_jax.checkpoint.io import (
     KeyTable,
     TensorSource,
     TorchSource,
+    abstract_module,
+    drop_tied_copy,
     export_tensors,
     load_into,
+    save_torch,
+    torch_state_dict,
 )
 from hellochat_jax.components.qwen2.weights import QWEN2_KEYS
 from hellochat_jax.components.speech_lm.model import (
-    RasConfig,
     SpeechTokenLM,
     SpeechTokenLMConfig,
+    cosyvoice_ras,
 )
 from hellochat_jax.core import sharding as shd
 
 COMPONENT = "cosyvoice2-llm"
 QWEN_FOLDER = "CosyVoice-BlankEN"
 TEXT_LM_HEAD = "llm.model.lm_head.weight"
+TEXT_EMBEDDING = "llm.model.model.embed_tokens.weight"
 
 
 def _backbone_rules() -> list[KeyRule]:
@@ -65,13 +69,13 @@ SPEECH_LM_KEYS = [
     KeyRule("speech_embedding.weight", "speech_embedding.embedding", IDENTITY),  # [S+3, D]
 ]
 # The backbone's text LM head: unused by the speech LM. Tied (the release): a copy of the text
-# embedding, skipped on import. Untied: kept as a frozen (untrained) tensor for export.
-TIED_HEAD = KeyRule(TEXT_LM_HEAD, None)
+# embedding, checked and dropped on import (drop_tied_copy). Untied: kept as a frozen
+# (untrained) tensor for export.
 UNTIED_HEAD = KeyRule(TEXT_LM_HEAD, "text_lm_head", IDENTITY)
 
 
 def key_table(cfg: SpeechTokenLMConfig) -> KeyTable:
-    return KeyTable(SPEECH_LM_KEYS + [UNTIED_HEAD if cfg.keep_text_lm_head else TIED_HEAD])
+    return KeyTable(SPEECH_LM_KEYS + ([UNTIED_HEAD] if cfg.keep_text_lm_head else []))
 
 
 def _dtype_name(source: TensorSource, key: str) -> str:
@@ -115,9 +119,9 @@ def read_config(release: str | os.PathLike, source: TensorSource | None = None, 
         if sampling.cls != "ras_sampling":
             raise CheckpointError(f"{yaml_path}: llm.sampling is {sampling.target}; only ras_sampling is supported")
         known = {k: sampling.value[k] for k in ("top_p", "top_k", "win_size", "tau_r") if isinstance(sampling.value, dict) and k in sampling.value}
-        ras = RasConfig(**known)
+        ras = cosyvoice_ras(**known)
     else:
-        ras = RasConfig()
+        ras = cosyvoice_ras()
     keep_head = False
     if source is not None and not qwen2.tie_word_embeddings and TEXT_LM_HEAD in source.keys():
         keep_head = True
@@ -132,16 +136,10 @@ def read_config(release: str | os.PathLike, source: TensorSource | None = None, 
     )
 
 
-def abstract_model(cfg: SpeechTokenLMConfig) -> SpeechTokenLM:
-    return shd.abstract_model(lambda: SpeechTokenLM(cfg, rngs=nnx.Rngs(0)))
-
-
 def load_from_source(cfg: SpeechTokenLMConfig, source: TensorSource, mesh: jax.sharding.Mesh, rules: shd.Rules = shd.DEFAULT_RULES, *, what: str = "llm.pt", progress: bool = False) -> SpeechTokenLM:
-    if not cfg.keep_text_lm_head and TEXT_LM_HEAD in source.keys():
-        emb = source.get("llm.model.model.embed_tokens.weight") if "llm.model.model.embed_tokens.weight" in source.keys() else None
-        if emb is not None and not np.array_equal(emb, source.get(TEXT_LM_HEAD)):
-            raise CheckpointError(f"{what}: tie_word_embeddings=true but {TEXT_LM_HEAD} differs from llm.model.model.embed_tokens.weight")
-    return load_into(abstract_model(cfg), source, key_table(cfg), mesh, rules, what=what, progress=progress)
+    if not cfg.keep_text_lm_head:
+        source = drop_tied_copy(source, TEXT_LM_HEAD, TEXT_EMBEDDING, what)
+    return load_into(abstract_module(SpeechTokenLM, cfg), source, key_table(cfg), mesh, rules, what=what, progress=progress)
 
 
 def load(
@@ -178,32 +176,17 @@ def export_state_dict(model: SpeechTokenLM, cfg: SpeechTokenLMConfig) -> dict[st
     """Their state dict (torch tensors), in their key order."""
     tensors = dict(export_tensors(model, key_table(cfg)))
     if not cfg.keep_text_lm_head:
-        tensors[TEXT_LM_HEAD] = tensors["llm.model.model.embed_tokens.weight"]
+        tensors[TEXT_LM_HEAD] = tensors[TEXT_EMBEDDING]
     order = {k: n for n, k in enumerate(_reference_order(cfg))}
-    out = {}
-    for key in sorted(tensors, key=lambda k: order.get(k, len(order))):
-        out[key] = to_torch(tensors[key])
-    return out
-
-
-def to_torch(x: np.ndarray):
-    import torch
-
-    x = np.array(x, copy=True, order="C")  # writable: torch refuses read-only buffers
-    if x.dtype.name == "bfloat16":
-        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(x)
+    return torch_state_dict(tensors, lambda k: order.get(k, len(order)))
 
 
 def export(model: SpeechTokenLM, cfg: SpeechTokenLMConfig, path: str | os.PathLike) -> Path:
     """Writes llm.pt into a release folder (and CosyVoice-BlankEN/config.json if absent)."""
     import json
 
-    import torch
-
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    torch.save(export_state_dict(model, cfg), path / "llm.pt")
+    save_torch(export_state_dict(model, cfg), path / "llm.pt")
     qwen_cfg = path / QWEN_FOLDER / "config.json"
     if not qwen_cfg.exists():
         qwen_cfg.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ dasheng is imported, so nothing else in the session sees it.
 Fallback when dasheng is not installed: `SmallDasheng`, a plain-torch transcription of the
 release's forward pass (the fixture's `call` text), checked against the fixture in the tests.
 
-Used by tests/test_dasheng.py and bench/encoder.py.
+Used by tests/test_dasheng.py and bench/encoder.py (needs torch; dasheng optional).
 """
 
 from __future__ import annotations
@@ -176,4 +176,4 @@ def load_reference(path):
     if Dasheng is not None:
         return Dasheng.from_pretrained(str(path)).eval(), "dasheng 0.0.9 (torchaudio stubbed)"
     dump = torch.load(path, map_location="cpu", weights_only=True)
-    return _small_dasheng_class()(dump["config"], dump["model"]).eval(), f"tests/torch_dasheng.SmallDasheng ({why})"
+    return _small_dasheng_class()(dump["config"], dump["model"]).eval(), f"hellochat_jax.testing.torch_dasheng.SmallDasheng ({why})"

@@ -1,0 +1,96 @@
+"""Hello-Chat: the one model class from training to serving.
+
+    thinker  MiDashengLM     Dasheng encoder + audio adapter + Qwen2 decoder (encoder optional)
+    talker   SpeechTokenLM   (optional) text -> speech tokens
+    flow     FlowDecoder     (optional) speech tokens -> mel
+    hift     HiFTVocoder     (optional) mel -> 24 kHz audio
+
+Each part is the component module a converter builds, under the same attribute names, so a
+trained Hello-Chat and a converted one share parameter paths (`thinker.decoder.model.layers.0...`)
+and either loads into the other by plain path matching. Absent parts are None: no variables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from flax import nnx
+
+from hellochat_jax.components.midashenglm.model import MiDashengLM, MiDashengLMConfig
+
+# part attribute -> the registry component whose config and module class it is
+PARTS: dict[str, str] = {
+    "thinker": "midashenglm",
+    "talker": "cosyvoice2-llm",
+    "flow": "cosyvoice2-flow",
+    "hift": "cosyvoice2-hift",
+}
+
+# Parameter groups (the names freezing, LoRA and `init_from` use in training configs) -> the
+# path prefix of their variables in HelloChat. A variable belongs to the first group whose
+# prefix starts its path.
+PARAM_GROUPS: dict[str, tuple[str, ...]] = {
+    "encoder": ("thinker", "audio_encoder"),
+    "adapter": ("thinker", "audio_projector"),
+    "thinker": ("thinker", "decoder"),
+    "talker": ("talker",),
+    "flow": ("flow",),
+    "hift": ("hift",),
+}
+
+
+def group_of(path: tuple) -> str | None:
+    """The parameter group of a variable path (None for a path outside every group)."""
+    names = tuple(str(p) for p in path)
+    for group, prefix in PARAM_GROUPS.items():
+        if names[: len(prefix)] == prefix:
+            return group
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class HelloChatConfig:
+    thinker: MiDashengLMConfig = MiDashengLMConfig()
+    talker: Any = None  # SpeechTokenLMConfig | None
+    flow: Any = None  # FlowConfig | None
+    hift: Any = None  # HiFTConfig | None
+
+    @property
+    def parts(self) -> list[str]:
+        """The parts present, in PARTS order."""
+        return [p for p in PARTS if getattr(self, p) is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        from hellochat_jax.checkpoint.load import config_to_dict
+
+        return {p: (config_to_dict(getattr(self, p)) if getattr(self, p) is not None else None) for p in PARTS}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HelloChatConfig:
+        """From `to_dict` output (a model folder's hellochat.json); each part by its component's rules."""
+        from hellochat_jax.checkpoint.load import config_from_dict
+
+        unknown = set(data) - set(PARTS)
+        if unknown:
+            raise ValueError(f"hellochat config: unknown parts {sorted(unknown)}; the parts are {list(PARTS)}")
+        if data.get("thinker") is None:
+            raise ValueError("hellochat config: the thinker part is required")
+        return cls(**{p: config_from_dict(PARTS[p], data[p]) for p in PARTS if data.get(p) is not None})
+
+
+class HelloChat(nnx.Module):
+    def __init__(self, cfg: HelloChatConfig, *, rngs: nnx.Rngs):
+        from hellochat_jax import components
+
+        self.cfg = cfg
+        self.thinker = MiDashengLM(cfg.thinker, rngs=rngs)
+        built = {}
+        for part in ("talker", "flow", "hift"):
+            part_cfg = getattr(cfg, part)
+            built[part] = None
+            if part_cfg is not None:
+                _, module_cls = components.get(PARTS[part]).classes()
+                built[part] = module_cls(part_cfg, rngs=rngs)
+        # Absent parts stay None (static attributes): no variables, no path.
+        self.talker, self.flow, self.hift = built["talker"], built["flow"], built["hift"]
