@@ -229,7 +229,9 @@ def test_serve_answers_a_gradio_client(pipeline, folders):
         client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
         history, _, full = client.predict(gradio_client.handle_file(str(folders / "q1.wav")), "", [], api_name="/respond")
         [want] = pipeline.respond([Conversation().add_user(audio=sf.read(str(folders / "q1.wav"), dtype="float32")[0])])
-        assert history[-1]["role"] == "assistant" and history[-1]["content"].startswith(want.text)
+        content = history[-1]["content"]  # Gradio 6 sends message content as a list of parts
+        shown = content if isinstance(content, str) else "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        assert history[-1]["role"] == "assistant" and shown.startswith(want.text)
         wav, rate = sf.read(full)
         assert rate == RATE and len(wav) == len(want.waveform)
     finally:
