@@ -244,7 +244,9 @@ def test_small_reference_reproduces_the_fixture():
         mel = reference.front_end(wav).numpy()
         features = reference(wav, x_length=torch.from_numpy(inputs["lengths"])).numpy()
     np.testing.assert_array_equal(mel, outputs["mel_db"])
-    np.testing.assert_array_equal(features[outputs["valid"]], outputs["features"][outputs["valid"]])
+    # The ViT's matmuls go through torch's CPU GEMM, whose blocking (and so float32 rounding)
+    # depends on the processor's vector width: exact where the fixture was made, ULPs elsewhere.
+    np.testing.assert_allclose(features[outputs["valid"]], outputs["features"][outputs["valid"]], rtol=0, atol=1e-5)
 
 
 def _edited_release(tmp_path, edit) -> Path:
