@@ -1,6 +1,7 @@
 """Train-step throughput on CPU: our compiled train step vs a plain PyTorch loop, same run.
 
-    python bench/train.py [--shape tiny|small] [--batch 8] [--seq 256] [--steps 10] [--json out.json]
+    python bench/train.py [--shape tiny|small|mid] [--batch 8] [--seq 256] [--steps 10]
+                          [--json out.json] [--markdown] [--profile]
 
 Both train the same Qwen2-shaped model (float32) on the same token batch with the same update
 rule: next-token cross-entropy over every position, global-norm clipping at 1.0, AdamW.
@@ -9,22 +10,30 @@ rule: next-token cross-entropy over every position, global-norm clipping at 1.0,
     PyTorch: transformers Qwen2ForCausalLM(labels=...) + clip_grad_norm_ + torch.optim.AdamW
 Timed steps alternate between the two so both see the same machine load; the best step of
 each counts (the least disturbed on a shared machine), the median is printed too.
+`--profile` adds both sides' time per step by op class (see common.py); `--markdown` prints a
+README-ready table with the date and this run's measured matmul peak.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"  # one device: the whole CPU
+import sys  # noqa: E402
+
+from common import profile_dump_flags  # noqa: E402
+
+# one device: the whole CPU
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1" + (profile_dump_flags() if "--profile" in sys.argv else "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
+import datetime  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-from common import matmul_peak_gflops  # noqa: E402
+from common import jax_op_profile, matmul_peak_gflops, op_class_table, torch_op_profile  # noqa: E402
 
 SHAPES = {
     # the thinker of configs/tiny.yaml (the model the main job trains)
@@ -33,6 +42,9 @@ SHAPES = {
     # a larger small model, where the 8192-way LM head is a third of the FLOPs
     "small": dict(vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                   num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False),
+    # 40.5M: a 32000-way tied head over 8 layers (issue 13's mid-size shape)
+    "mid": dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
 }
 
 
@@ -127,6 +139,8 @@ def main() -> int:
     p.add_argument("--remat", default="none")
     p.add_argument("--shape", default="tiny", choices=sorted(SHAPES), help="model shape (see SHAPES)")
     p.add_argument("--json", default=None)
+    p.add_argument("--markdown", action="store_true", help="also print a README-ready table")
+    p.add_argument("--profile", action="store_true", help="also print time per step by op class, both sides")
     args = p.parse_args()
     shape = SHAPES[args.shape]
 
@@ -165,6 +179,18 @@ def main() -> int:
     print(f"speed-up (ours / PyTorch): {result['speedup']:.2f}x best, {result['speedup_median']:.2f}x median   (target >= 1.5x)")
     print(f"ours: {result['ours_gflop_per_s']:.1f} GFLOP/s achieved (XLA-counted), "
           f"measured f32 matmul peak {peak:.1f} GFLOP/s")
+    if args.profile:
+        result["profile_s_per_step"] = {"ours": jax_op_profile(ours_step, args.warmup + 1),
+                                        "pytorch": torch_op_profile(torch_step, args.warmup + 1)}
+        print(f"\ntime per step by op class (profiled, {args.warmup + 1} steps each)")
+        print(op_class_table(result["profile_s_per_step"]["ours"], result["profile_s_per_step"]["pytorch"]))
+    if args.markdown:
+        print(f"\ntrain step, {datetime.date.today()}, {os.cpu_count()} cores, f32 matmul peak {peak:.1f} GFLOP/s (this run)\n")
+        print("| shape | params | batch x seq | ours tok/s (best / median) | PyTorch tok/s (best / median) | ratio best | ratio median |")
+        print("|---|---:|---|---:|---:|---:|---:|")
+        tps = lambda v: tokens_per_step / v
+        print(f"| {args.shape} | {params / 1e6:.1f}M | {args.batch}x{args.seq} | {tps(best['ours']):.0f} / {tps(med['ours']):.0f} | "
+              f"{tps(best['pytorch']):.0f} / {tps(med['pytorch']):.0f} | {result['speedup']:.2f}x | {result['speedup_median']:.2f}x |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -126,7 +126,7 @@ def test_audio_length_follows_the_tokens(talker, prompt_wav):
 def test_streaming_chunks_do_not_recompile(talker):
     """Flow rows and vocoder chunks are padded to a few shape buckets and the noise buffer has
     one shape: once a first stream has built its programs, another stream compiles nothing."""
-    text = "Hello there, how are you today, my friend?"  # min 84 speech tokens: several chunks
+    text = "Hello there"  # at most 220 speech tokens: chunks after 28, 78 and 178 tokens, then the rest
     first = list(talker.speak_stream(text, key=jax.random.key(3), sampling=Greedy()))
     with count_compiles() as compiled:
         again = list(talker.speak_stream(text.replace("H", "J"), key=jax.random.key(4), sampling=Greedy()))

@@ -133,6 +133,30 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+def grouped_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, precision: jax.lax.Precision | None
+) -> jax.Array:
+    """Grouped-query attention. q [B, T, H, D], k/v [B, S, KV, D], allowed [B, T, S] -> [B, T, H, D].
+
+    The G = H / KV query heads that share a key head are folded into the query length
+    ([B, KV, G*T, D]), so each matmul (and each of its gradients) has one contracting and one
+    free dimension per operand: XLA's CPU dot then reads the [.., T, S] scores in place
+    instead of transposing them. The mask is added as a bias rather than selected with
+    `where`, so the backward pass has no score-sized select; its finite minimum
+    (not -inf) keeps fully masked padding rows finite (uniform)."""
+    b, t, h, d = q.shape
+    s, kvh = k.shape[1], k.shape[2]
+    g = h // kvh
+    with jax.named_scope("attention"):
+        qf = (q * (d**-0.5)).reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
+        scores = jnp.einsum("bkqd,bskd->bkqs", qf, k, precision=precision).astype(jnp.float32)
+        bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]  # [B, 1, 1, T, S]
+        scores = scores.reshape(b, kvh, g, t, s) + bias
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kvh, g * t, s)
+        out = jnp.einsum("bkqs,bskd->bkqd", probs, v, precision=precision)
+        return out.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
 class Qwen2Attention(nnx.Module):
     def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -179,16 +203,8 @@ class Qwen2Attention(nnx.Module):
         allowed = (kv_slot[None, None, :] <= q_slot[:, :, None]) & (
             kv_segment[:, None, :] == q_segment[:, :, None]
         ) & (kv_segment[:, None, :] > 0)
-        g = h // kvh
-        qg = q.reshape(b, t, kvh, g, d)
-        precision = as_precision(cfg.precision)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, precision=precision).astype(jnp.float32)
-        scores = scores * (d ** -0.5)
-        # A finite minimum, not -inf: fully masked (padding) query rows then stay finite.
-        scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision=precision).reshape(b, t, h * d)
-        return self.o_proj(out), new_kv
+        out = grouped_attention(q, k, v, allowed, as_precision(cfg.precision))
+        return self.o_proj(out.reshape(b, t, h * d)), new_kv
 
 
 class Qwen2MLP(nnx.Module):
