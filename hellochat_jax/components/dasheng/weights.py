@@ -9,6 +9,7 @@ export they are recomputed the way torchaudio computes them, so a round trip is 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -16,31 +17,14 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
-from hellochat_jax.checkpoint.io import (
-    CONV2D,
-    TRANSPOSE,
-    CheckpointError,
-    KeyRule,
-    KeyTable,
-    TensorSource,
-    TorchSource,
-    Transform,
-    abstract_module,
-    export_tensors,
-    load_into,
-    save_torch,
-    torch_state_dict,
-)
-from hellochat_jax.components.dasheng.model import (
-    DashengConfig,
-    DashengEncoder,
-    hann_window,
-    mel_filterbank,
-)
-from hellochat_jax.core import sharding as shd
+from hellochat_jax.checkpoint.io import CONV2D, TRANSPOSE, CheckpointError, KeyRule, KeyTable, TensorSource, TorchSource
+from hellochat_jax.checkpoint.io import Transform, export_tensors, save_torch, torch_state_dict
+from hellochat_jax.checkpoint.load import load_release
+from hellochat_jax.components.dasheng.model import DashengConfig, DashengEncoder, hann_window, mel_filterbank
+
+COMPONENT = "dasheng"
 
 # time_pos_embed [1, D, 1, T] -> ours [T, D]; freq_pos_embed [1, D, F, 1] -> ours [F, D]
 TIME_POS = Transform("time_pos", lambda x: x[0, :, 0, :].T, lambda x: x.T[None, :, None, :])
@@ -99,30 +83,25 @@ def check_front_end(source: TensorSource, cfg: DashengConfig, *, window_key: str
             )
 
 
-def read_release(path: str | os.PathLike) -> tuple[dict[str, Any], TorchSource]:
+def open_release(path: str | os.PathLike, **overrides: Any) -> tuple[DashengConfig, TensorSource, str]:
+    """A dasheng release ``.pt``: {"model": state dict, "config": constructor kwargs}."""
     source = TorchSource(path, state_dict_key="model")
     config = source.extra.get("config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: no 'config' dict next to 'model' (not a dasheng release checkpoint)")
-    return config, source
-
-
-def load_from_source(cfg: DashengConfig, source: TensorSource, mesh: jax.sharding.Mesh, rules: shd.Rules = shd.DEFAULT_RULES,
-                     *, what: str = "dasheng checkpoint", progress: bool = False) -> DashengEncoder:
-    check_front_end(source, cfg, what=what)
-    return load_into(abstract_module(DashengEncoder, cfg), source, TABLE, mesh, rules, what=what, progress=progress)
-
-
-def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, rules: shd.Rules = shd.DEFAULT_RULES,
-         *, progress: bool = False, **config_overrides: Any) -> tuple[DashengConfig, DashengEncoder]:
-    """Reads a dasheng release ``.pt`` onto ``mesh``."""
-    mesh = mesh if mesh is not None else shd.make_mesh()
-    release_config, source = read_release(path)
     try:
-        cfg = DashengConfig.from_release(release_config, **config_overrides)
+        return DashengConfig.from_release(config, **overrides), source, str(path)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
-    return cfg, load_from_source(cfg, source, mesh, rules, what=str(path), progress=progress)
+
+
+def prepare_source(cfg: DashengConfig, source: TensorSource, what: str) -> tuple[DashengConfig, TensorSource, KeyTable]:
+    check_front_end(source, cfg, what=what)
+    return cfg, source, TABLE
+
+
+# (config, DashengEncoder) from a release .pt or a converted folder: checkpoint.load.load_release.
+load = functools.partial(load_release, COMPONENT)
 
 
 def torchaudio_buffers(cfg: DashengConfig):

@@ -9,39 +9,20 @@ Export writes flow.pt (and the yaml's `flow:` entry) back in the release layout,
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
 
-from hellochat_jax.checkpoint.cosyvoice_yaml import (
-    Tagged,
-    dump_cosyvoice_yaml,
-    load_cosyvoice_yaml,
-)
-from hellochat_jax.checkpoint.io import (
-    CONV1D,
-    CONV_TRANSPOSE1D,
-    IDENTITY,
-    TRANSPOSE,
-    CheckpointError,
-    KeyRule,
-    KeyTable,
-    TensorSource,
-    TorchSource,
-    abstract_module,
-    export_tensors,
-    load_into,
-    save_torch,
-    torch_state_dict,
-    variable_paths,
-)
+from hellochat_jax.checkpoint.cosyvoice_yaml import Tagged, dump_cosyvoice_yaml, load_cosyvoice_yaml
+from hellochat_jax.checkpoint.io import CONV1D, CONV_TRANSPOSE1D, IDENTITY, TRANSPOSE, CheckpointError, KeyRule, KeyTable
+from hellochat_jax.checkpoint.io import TensorSource, TorchSource, abstract_module, export_tensors, save_torch, torch_state_dict, variable_paths
+from hellochat_jax.checkpoint.load import load_release
 from hellochat_jax.components.flow.conformer import UpsampleEncoderConfig
 from hellochat_jax.components.flow.model import EstimatorConfig, FlowConfig, FlowDecoder
-from hellochat_jax.core import sharding as shd
 
 COMPONENT = "cosyvoice2-flow"
 YAML_NAME = "cosyvoice2.yaml"
@@ -331,16 +312,16 @@ def read_config(path: str | os.PathLike, **overrides: Any) -> FlowConfig:
 # ----------------------------------------------------------------------------- load / export
 
 
-def load_from_source(
-    cfg: FlowConfig,
-    source: TensorSource,
-    mesh: jax.sharding.Mesh,
-    rules: shd.Rules = shd.DEFAULT_RULES,
-    *,
-    what: str = "flow checkpoint",
-    progress: bool = False,
-) -> FlowDecoder:
-    return load_into(abstract_module(FlowDecoder, cfg), source, TABLE, mesh, rules, what=what, progress=progress)
+def open_release(path: str | os.PathLike, **overrides: Any) -> tuple[FlowConfig, TensorSource, str]:
+    """A release folder's cosyvoice2.yaml (`flow:`) and flow.pt (or either file in it)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    weights = folder / WEIGHTS_NAME
+    return read_config(folder, **overrides), TorchSource(weights), str(weights)
+
+
+def prepare_source(cfg: FlowConfig, source: TensorSource, what: str) -> tuple[FlowConfig, TensorSource, KeyTable]:
+    return cfg, source, TABLE
 
 
 def random_state_dict(cfg: FlowConfig, seed: int = 0) -> dict[str, np.ndarray]:
@@ -365,23 +346,8 @@ def random_state_dict(cfg: FlowConfig, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def load(
-    path: str | os.PathLike,
-    mesh: jax.sharding.Mesh | None = None,
-    rules: shd.Rules = shd.DEFAULT_RULES,
-    *,
-    progress: bool = False,
-    **config_overrides: Any,
-) -> tuple[FlowConfig, FlowDecoder]:
-    """Reads a release folder's cosyvoice2.yaml (`flow:`) and flow.pt. Config overrides such as
-    dtype="bfloat16" or precision="highest" go to FlowConfig."""
-    path = Path(path)
-    mesh = mesh if mesh is not None else shd.make_mesh()
-    folder = path if path.is_dir() else path.parent
-    cfg = read_config(folder, **config_overrides)
-    weights = folder / WEIGHTS_NAME
-    source = TorchSource(weights)
-    return cfg, load_from_source(cfg, source, mesh, rules, what=str(weights), progress=progress)
+# (config, FlowDecoder) from a release folder or a converted one: checkpoint.load.load_release.
+load = functools.partial(load_release, COMPONENT)
 
 
 def export(model: FlowDecoder, cfg: FlowConfig, path: str | os.PathLike) -> Path:

@@ -8,30 +8,19 @@ decoder rows are the dasheng and Qwen2 tables with their prefixes.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
 
-import jax
-
-from hellochat_jax.checkpoint.io import (
-    TRANSPOSE,
-    CheckpointError,
-    KeyRule,
-    KeyTable,
-    SafetensorsSource,
-    abstract_module,
-    drop_tied_copy,
-    export_tensors,
-    keep_stored_dtype,
-    load_into,
-    read_json_config,
-    save_hf_folder,
-)
+from hellochat_jax.checkpoint.io import TRANSPOSE, CheckpointError, KeyRule, KeyTable, SafetensorsSource, TensorSource
+from hellochat_jax.checkpoint.io import drop_tied_copy, export_tensors, keep_stored_dtype, read_json_config, save_hf_folder
+from hellochat_jax.checkpoint.load import load_release
 from hellochat_jax.components.dasheng.weights import DASHENG_KEYS
 from hellochat_jax.components.midashenglm.model import MiDashengLM, MiDashengLMConfig
 from hellochat_jax.components.qwen2.weights import QWEN2_KEYS
-from hellochat_jax.core import sharding as shd
+
+COMPONENT = "midashenglm"
 
 ENCODER_KEYS = [
     KeyRule("audio_encoder." + rule.theirs.replace("init_bn.1.", "init_bn."), "audio_encoder." + rule.ours, rule.transform)
@@ -60,22 +49,19 @@ def read_config(path: str | os.PathLike, **overrides: Any) -> MiDashengLMConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def load(
-    path: str | os.PathLike,
-    mesh: jax.sharding.Mesh | None = None,
-    rules: shd.Rules = shd.DEFAULT_RULES,
-    *,
-    progress: bool = False,
-    **config_overrides: Any,
-) -> tuple[MiDashengLMConfig, MiDashengLM]:
-    """Reads an HF MiDashengLM folder, streaming each tensor onto its sharding on ``mesh``."""
-    mesh = mesh if mesh is not None else shd.make_mesh()
-    cfg = read_config(path, **config_overrides)
-    source = SafetensorsSource(path)
+def open_release(path: str | os.PathLike, **overrides: Any) -> tuple[MiDashengLMConfig, TensorSource, str]:
+    """An HF MiDashengLM folder (model.safetensors, or shards with an index)."""
+    return read_config(path, **overrides), SafetensorsSource(path), str(path)
+
+
+def prepare_source(cfg: MiDashengLMConfig, source: TensorSource, what: str) -> tuple[MiDashengLMConfig, TensorSource, KeyTable]:
     if cfg.text.tie_word_embeddings:
-        source = drop_tied_copy(source, "decoder.lm_head.weight", "decoder.model.embed_tokens.weight", str(path))
-    model = load_into(abstract_module(MiDashengLM, cfg), source, TABLE, mesh, rules, what=str(path), progress=progress)
-    return cfg, model
+        source = drop_tied_copy(source, "decoder.lm_head.weight", "decoder.model.embed_tokens.weight", what)
+    return cfg, source, TABLE
+
+
+# (config, MiDashengLM) from an HF folder or a converted one: checkpoint.load.load_release.
+load = functools.partial(load_release, COMPONENT)
 
 
 def export(model: MiDashengLM, cfg: MiDashengLMConfig, path: str | os.PathLike, *, max_shard_bytes: int | None = None) -> Path:

@@ -6,29 +6,17 @@ safetensors + config.json that `transformers.Qwen2ForCausalLM.from_pretrained` l
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
 
-import jax
-
-from hellochat_jax.checkpoint.io import (
-    IDENTITY,
-    TRANSPOSE,
-    KeyRule,
-    KeyTable,
-    SafetensorsSource,
-    TensorSource,
-    abstract_module,
-    drop_tied_copy,
-    export_tensors,
-    keep_stored_dtype,
-    load_into,
-    read_json_config,
-    save_hf_folder,
-)
+from hellochat_jax.checkpoint.io import IDENTITY, TRANSPOSE, KeyRule, KeyTable, SafetensorsSource, TensorSource
+from hellochat_jax.checkpoint.io import drop_tied_copy, export_tensors, keep_stored_dtype, read_json_config, save_hf_folder
+from hellochat_jax.checkpoint.load import load_release
 from hellochat_jax.components.qwen2.model import Qwen2Config, Qwen2Thinker
-from hellochat_jax.core import sharding as shd
+
+COMPONENT = "qwen2"
 
 # HF key (their) -> our variable path. One row per tensor kind; {i} is the layer index.
 QWEN2_KEYS = [
@@ -58,34 +46,19 @@ def read_config(path: str | os.PathLike, **overrides: Any) -> Qwen2Config:
     return Qwen2Config.from_hf(hf, **keep_stored_dtype(hf, overrides))
 
 
-def load_from_source(
-    cfg: Qwen2Config,
-    source: TensorSource,
-    mesh: jax.sharding.Mesh,
-    rules: shd.Rules = shd.DEFAULT_RULES,
-    *,
-    what: str = "qwen2 checkpoint",
-    progress: bool = False,
-) -> Qwen2Thinker:
-    """Any tensor source with HF Qwen2 keys (e.g. a prefixed_source over MiDashengLM's decoder.*)."""
+def open_release(path: str | os.PathLike, **overrides: Any) -> tuple[Qwen2Config, TensorSource, str]:
+    """An HF Qwen2 folder (model.safetensors, or shards with an index)."""
+    return read_config(path, **overrides), SafetensorsSource(path), str(path)
+
+
+def prepare_source(cfg: Qwen2Config, source: TensorSource, what: str) -> tuple[Qwen2Config, TensorSource, KeyTable]:
     if cfg.tie_word_embeddings:
         source = drop_tied_copy(source, "lm_head.weight", "model.embed_tokens.weight", what)
-    return load_into(abstract_module(Qwen2Thinker, cfg), source, TABLE, mesh, rules, what=what, progress=progress)
+    return cfg, source, TABLE
 
 
-def load(
-    path: str | os.PathLike,
-    mesh: jax.sharding.Mesh | None = None,
-    rules: shd.Rules = shd.DEFAULT_RULES,
-    *,
-    progress: bool = False,
-    **config_overrides: Any,
-) -> tuple[Qwen2Config, Qwen2Thinker]:
-    """Reads an HF Qwen2 folder (model.safetensors or sharded with an index)."""
-    mesh = mesh if mesh is not None else shd.make_mesh()
-    cfg = read_config(path, **config_overrides)
-    source = SafetensorsSource(path)
-    return cfg, load_from_source(cfg, source, mesh, rules, what=str(path), progress=progress)
+# (config, Qwen2Thinker) from an HF folder or a converted one: checkpoint.load.load_release.
+load = functools.partial(load_release, COMPONENT)
 
 
 def export(model: Qwen2Thinker, cfg: Qwen2Config, path: str | os.PathLike, *, max_shard_bytes: int | None = None) -> Path:
