@@ -23,34 +23,16 @@ reductions per call. Export is then the inverse re-layout of the very same bits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Any
 
-import jax
-
 from hellochat_jax.checkpoint.cosyvoice_yaml import load_cosyvoice_yaml
-from hellochat_jax.checkpoint.io import (
-    CONV1D,
-    CONV_TRANSPOSE1D,
-    IDENTITY,
-    TRANSPOSE,
-    CheckpointError,
-    KeyRule,
-    KeyTable,
-    TensorSource,
-    TorchSource,
-    Transform,
-    abstract_module,
-    export_tensors,
-    load_into,
-    save_torch,
-    stripped_source,
-    torch_state_dict,
-)
-from hellochat_jax.checkpoint.load import load_checkpoint
+from hellochat_jax.checkpoint.io import CONV1D, CONV_TRANSPOSE1D, IDENTITY, TRANSPOSE, CheckpointError, KeyRule, KeyTable
+from hellochat_jax.checkpoint.io import TensorSource, TorchSource, Transform, export_tensors, save_torch, stripped_source, torch_state_dict
+from hellochat_jax.checkpoint.load import load_release
 from hellochat_jax.components.hift.model import HiFTConfig, HiFTVocoder
-from hellochat_jax.core import sharding as shd
 
 COMPONENT = "cosyvoice2-hift"
 PT_NAME = "hift.pt"
@@ -162,42 +144,22 @@ def config_from_yaml(yaml_path: str | os.PathLike, **overrides: Any) -> HiFTConf
         raise CheckpointError(f"{yaml_path}: hift: {e}") from None
 
 
-def load_source(
-    source: TensorSource,
-    cfg: HiFTConfig,
-    mesh: jax.sharding.Mesh | None = None,
-    rules: shd.Rules = shd.DEFAULT_RULES,
-    *,
-    what: str = PT_NAME,
-    progress: bool = False,
-) -> tuple[HiFTConfig, HiFTVocoder]:
-    """Streams a hift state dict (any accepted naming) onto the mesh, tensor by tensor."""
-    mesh = mesh if mesh is not None else shd.make_mesh()
+def open_release(path: str | os.PathLike, **overrides: Any) -> tuple[HiFTConfig, TensorSource, str]:
+    """A release folder, or a hift.pt with cosyvoice2.yaml beside it."""
+    pt, yaml = _find_files(Path(path))
+    return config_from_yaml(yaml, **overrides), TorchSource(pt), str(pt)
+
+
+def prepare_source(cfg: HiFTConfig, source: TensorSource, what: str) -> tuple[HiFTConfig, TensorSource, KeyTable]:
+    """Any accepted naming and prefix; the config records which, so export writes the same form."""
     naming, prefix = detect_format(source.keys())
     cfg = dataclasses.replace(cfg, checkpoint_naming=naming, checkpoint_prefix=prefix)
-    table = KeyTable(key_rules(naming))
-    model = load_into(abstract_module(HiFTVocoder, cfg), stripped_source(source, PREFIX), table, mesh, rules, what=what, progress=progress)
-    return cfg, model
+    return cfg, stripped_source(source, PREFIX), KeyTable(key_rules(naming))
 
 
-def load(
-    path: str | os.PathLike,
-    mesh: jax.sharding.Mesh | None = None,
-    rules: shd.Rules = shd.DEFAULT_RULES,
-    *,
-    progress: bool = False,
-    **config_overrides: Any,
-) -> tuple[HiFTConfig, HiFTVocoder]:
-    """A release folder, a hift.pt with cosyvoice2.yaml beside it, or a converted folder.
-    `config_overrides` set HiFTConfig fields (e.g. precision="highest", dtype="bfloat16")."""
-    mesh = mesh if mesh is not None else shd.make_mesh()
-    path = Path(path)
-    if path.is_dir() and (path / "hellochat.json").exists():
-        _, cfg, model = load_checkpoint(path, mesh, rules, component=COMPONENT, **config_overrides)
-        return cfg, model
-    pt, yaml = _find_files(path)
-    cfg = config_from_yaml(yaml, **config_overrides)
-    return load_source(TorchSource(pt), cfg, mesh, rules, what=str(pt), progress=progress)
+# (config, HiFTVocoder) from a release folder, a hift.pt or a converted folder:
+# checkpoint.load.load_release.
+load = functools.partial(load_release, COMPONENT)
 
 
 # ----------------------------------------------------------------------------- export

@@ -12,36 +12,19 @@ never executed) and the backbone's config.json; the dtype from the tensors in ll
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from hellochat_jax.checkpoint.cosyvoice_yaml import Tagged, load_cosyvoice_yaml
-from hellochat_jax.checkpoint.io import (
-    IDENTITY,
-    TRANSPOSE,
-    CheckpointError,
-    KeyRule,
-    KeyTable,
-    TensorSource,
-    TorchSource,
-    abstract_module,
-    drop_tied_copy,
-    export_tensors,
-    load_into,
-    save_torch,
-    torch_state_dict,
-)
+from hellochat_jax.checkpoint.io import IDENTITY, TRANSPOSE, CheckpointError, KeyRule, KeyTable, TensorSource, TorchSource
+from hellochat_jax.checkpoint.io import drop_tied_copy, export_tensors, save_torch, torch_state_dict
+from hellochat_jax.checkpoint.load import load_release
 from hellochat_jax.components.qwen2.weights import QWEN2_KEYS
-from hellochat_jax.components.speech_lm.model import (
-    SpeechTokenLM,
-    SpeechTokenLMConfig,
-    cosyvoice_ras,
-)
-from hellochat_jax.core import sharding as shd
+from hellochat_jax.components.speech_lm.model import SpeechTokenLM, SpeechTokenLMConfig, cosyvoice_ras
 
 COMPONENT = "cosyvoice2-llm"
 QWEN_FOLDER = "CosyVoice-BlankEN"
@@ -136,26 +119,22 @@ def read_config(release: str | os.PathLike, source: TensorSource | None = None, 
     )
 
 
-def load_from_source(cfg: SpeechTokenLMConfig, source: TensorSource, mesh: jax.sharding.Mesh, rules: shd.Rules = shd.DEFAULT_RULES, *, what: str = "llm.pt", progress: bool = False) -> SpeechTokenLM:
+def open_release(path: str | os.PathLike, **qwen2_overrides: Any) -> tuple[SpeechTokenLMConfig, TensorSource, str]:
+    """llm.pt of a CosyVoice 2 release folder (or a folder laid out like one); overrides go to
+    the Qwen2 backbone's config."""
+    weights = Path(path) / "llm.pt"
+    source = TorchSource(weights)
+    return read_config(path, source, **qwen2_overrides), source, str(weights)
+
+
+def prepare_source(cfg: SpeechTokenLMConfig, source: TensorSource, what: str) -> tuple[SpeechTokenLMConfig, TensorSource, KeyTable]:
     if not cfg.keep_text_lm_head:
         source = drop_tied_copy(source, TEXT_LM_HEAD, TEXT_EMBEDDING, what)
-    return load_into(abstract_module(SpeechTokenLM, cfg), source, key_table(cfg), mesh, rules, what=what, progress=progress)
+    return cfg, source, key_table(cfg)
 
 
-def load(
-    release: str | os.PathLike,
-    mesh: jax.sharding.Mesh | None = None,
-    rules: shd.Rules = shd.DEFAULT_RULES,
-    *,
-    progress: bool = False,
-    **qwen2_overrides: Any,
-) -> tuple[SpeechTokenLMConfig, SpeechTokenLM]:
-    """Reads llm.pt from a CosyVoice 2 release folder (or a folder laid out like one)."""
-    release = Path(release)
-    mesh = mesh if mesh is not None else shd.make_mesh()
-    source = TorchSource(release / "llm.pt")
-    cfg = read_config(release, source, **qwen2_overrides)
-    return cfg, load_from_source(cfg, source, mesh, rules, what=str(release / "llm.pt"), progress=progress)
+# (config, SpeechTokenLM) from a release folder or a converted one: checkpoint.load.load_release.
+load = functools.partial(load_release, COMPONENT)
 
 
 def _reference_order(cfg: SpeechTokenLMConfig) -> list[str]:
