@@ -18,6 +18,18 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / best_time(lambda: f(a).block_until_ready(), repeats) / 1e9
 
 
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Wall times of each function over `repeats` rounds, the functions taking turns within a
+    round so that all of them see the same machine load."""
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
 def best_time(fn: Callable[[], object], repeats: int) -> float:
     """Minimum wall time over `repeats` calls: the least disturbed run on a shared machine."""
     best = float("inf")

@@ -240,6 +240,7 @@ def main() -> int:
     from flax import nnx
 
     from hellochat_jax.checkpoint.io import DictSource
+    from hellochat_jax.checkpoint.load import load_from_source
     from hellochat_jax.components.flow import weights as cosyvoice2_flow
     from hellochat_jax.components.flow.model import jit_inference
     from hellochat_jax.core import sharding as shd
@@ -254,7 +255,7 @@ def main() -> int:
 
     state_dict = cosyvoice2_flow.random_state_dict(cfg, seed=0)
     mesh = shd.make_mesh(devices=jax.devices()[:1])
-    model = cosyvoice2_flow.load_from_source(cfg, DictSource(state_dict), mesh)
+    _, model = load_from_source(cosyvoice2_flow.COMPONENT, cfg, DictSource(state_dict), mesh)
     rng = np.random.default_rng(0)
     inputs = {
         "token": rng.integers(0, cfg.vocab_size, (1, n_tok)).astype(np.int32),

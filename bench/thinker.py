@@ -3,6 +3,8 @@
     python bench/thinker.py                 # Qwen2.5-0.5B shape, prefill 512 tokens, decode 128
     python bench/thinker.py --layers 4      # quicker, fewer layers
     python bench/thinker.py --converter     # also: peak RSS and MB/s converting a ~1 GB checkpoint
+    python bench/thinker.py --profile       # also: one prefill's time by op class, both sides
+    python bench/thinker.py --markdown      # also: a README-ready table (date, this run's peak)
 
 Prints tokens/s, the ratio ours/reference, and our achieved GFLOP/s against this machine's
 measured f32 matmul peak.
@@ -11,23 +13,25 @@ measured f32 matmul peak.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import best_time, matmul_peak_gflops
+from common import interleaved_times, jax_op_profile, matmul_peak_gflops, op_class_table, profile_dump_flags, torch_op_profile
 
 
-def model_flops_per_token(cfg, context: int) -> float:
-    """Forward FLOPs per token: 2 x matmul parameters (incl. LM head) + attention scores/values."""
+def model_flops_per_token(cfg, context: int, head: bool = True) -> float:
+    """Forward FLOPs per token: 2 x matmul parameters (+ the LM head if `head`) + attention scores/values."""
     d, f, l = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     qkvo = d * cfg.num_attention_heads * cfg.head_dim * 2 + d * cfg.num_key_value_heads * cfg.head_dim * 2
     per_layer = 2 * (qkvo + 3 * d * f) + 4 * context * cfg.num_attention_heads * cfg.head_dim
-    return l * per_layer + 2 * d * cfg.vocab_size
+    return l * per_layer + (2 * d * cfg.vocab_size if head else 0)
 
 
 
@@ -69,7 +73,6 @@ def run(args) -> None:
             jax.block_until_ready(logits)
 
         ours_prefill()
-        t_ours = best_time(ours_prefill, args.repeats)
         tids = torch.tensor(ids, dtype=torch.long)
 
         def ref_prefill():
@@ -77,10 +80,16 @@ def run(args) -> None:
                 ref(input_ids=tids, use_cache=True, logits_to_keep=1)
 
         ref_prefill()
-        t_ref = best_time(ref_prefill, args.repeats)
+        prefill_times = interleaved_times({"ours": ours_prefill, "ref": ref_prefill}, args.repeats)
+        if args.profile:
+            print(f"prefill, batch {batch}: time per call by op class (profiled, 1 call each)")
+            print(op_class_table(jax_op_profile(ours_prefill, 1), torch_op_profile(ref_prefill, 1)) + "\n")
         tokens = batch * args.prompt
-        flops = tokens * model_flops_per_token(cfg, args.prompt // 2)
-        rows.append(("prefill", batch, tokens / t_ours, tokens / t_ref, flops / t_ours / 1e9))
+        # Both sides put only the last position through the LM head.
+        flops = tokens * model_flops_per_token(cfg, args.prompt // 2, head=False) + batch * 2 * cfg.hidden_size * cfg.vocab_size
+        t_ours, t_ref = min(prefill_times["ours"]), min(prefill_times["ref"])
+        median_ratio = statistics.median(prefill_times["ref"]) / statistics.median(prefill_times["ours"])
+        rows.append(("prefill", batch, tokens / t_ours, tokens / t_ref, flops / t_ours / 1e9, median_ratio))
         # --- decode: the compiled while_loop alone, from a prefilled cache
         logits0, cache0 = prefill(graphdef, state, inputs, prompt=thinker_prompt, cache_len=args.prompt + args.new)
         rules, limits, until = StepRules(thinker_feed), row_limits(batch), jax.numpy.asarray(args.new, jax.numpy.int32)
@@ -93,28 +102,37 @@ def run(args) -> None:
             jax.block_until_ready(ds.tokens)
 
         ours_decode()
-        t_dec = best_time(ours_decode, args.repeats)
 
         def ref_generate():
             with torch.no_grad():
                 ref.generate(tids, attention_mask=torch.ones_like(tids), max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, eos_token_id=None, pad_token_id=0)
 
         ref_generate()
-        t_ref_gen = best_time(ref_generate, args.repeats)
-        t_ref_dec = max(t_ref_gen - t_ref, 1e-9)
+        decode_times = interleaved_times({"ours": ours_decode, "ref": ref_generate}, args.repeats)
+        t_dec = min(decode_times["ours"])
+        # The reference's decode = its generate minus its prefill.
+        t_ref_dec = max(min(decode_times["ref"]) - t_ref, 1e-9)
+        median_ratio = (statistics.median(decode_times["ref"]) - statistics.median(prefill_times["ref"])) / statistics.median(decode_times["ours"])
         new_tokens = batch * args.new
         dflops = new_tokens * model_flops_per_token(cfg, args.prompt + args.new // 2)
-        rows.append(("decode", batch, new_tokens / t_dec, new_tokens / t_ref_dec, dflops / t_dec / 1e9))
+        rows.append(("decode", batch, new_tokens / t_dec, new_tokens / t_ref_dec, dflops / t_dec / 1e9, median_ratio))
         print_rows(rows[-2:], peak, header=batch == args.batches[0])
+    if args.markdown:
+        print(f"\nthinker, Qwen2.5-0.5B shape ({cfg.num_hidden_layers} layers), prompt {args.prompt}, {args.new} new tokens, "
+              f"{datetime.date.today()}, {os.cpu_count()} cores, f32 matmul peak {peak:.1f} GFLOP/s (this run)\n")
+        print("| phase | batch | ours tok/s (best) | PyTorch tok/s (best) | ratio best | ratio median | ours % of peak |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for phase, batch, ours_tps, ref_tps, gflops, median_ratio in rows:
+            print(f"| {phase} | {batch} | {ours_tps:.1f} | {ref_tps:.1f} | {ours_tps / ref_tps:.2f}x | {median_ratio:.2f}x | {100 * gflops / peak:.0f}% |")
     if args.json:
         Path(args.json).write_text(json.dumps({"peak_gflops": peak, "rows": rows}, indent=2))
 
 
 def print_rows(rows, peak, header=True):
     if header:
-        print(f"{'phase':<8} {'batch':>5} {'ours tok/s':>11} {'torch tok/s':>12} {'ratio':>6} {'ours GFLOP/s':>13} {'% peak':>7}")
-    for phase, batch, ours, ref, gflops in rows:
-        print(f"{phase:<8} {batch:>5} {ours:>11.1f} {ref:>12.1f} {ours / ref:>5.2f}x {gflops:>13.1f} {100 * gflops / peak:>6.1f}%")
+        print(f"{'phase':<8} {'batch':>5} {'ours tok/s':>11} {'torch tok/s':>12} {'ratio':>6} {'median':>7} {'ours GFLOP/s':>13} {'% peak':>7}")
+    for phase, batch, ours, ref, gflops, median_ratio in rows:
+        print(f"{phase:<8} {batch:>5} {ours:>11.1f} {ref:>12.1f} {ours / ref:>5.2f}x {median_ratio:>6.2f}x {gflops:>13.1f} {100 * gflops / peak:>6.1f}%")
     sys.stdout.flush()
 
 
@@ -196,7 +214,11 @@ def main():
     p.add_argument("--converter-only", action="store_true")
     p.add_argument("--converter-gb", type=float, default=1.0)
     p.add_argument("--json", default=None)
+    p.add_argument("--markdown", action="store_true", help="also print a README-ready table")
+    p.add_argument("--profile", action="store_true", help="also print one prefill's time by op class, both sides")
     args = p.parse_args()
+    if args.profile:  # before jax starts: XLA reads its flags once
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + profile_dump_flags()
     if not args.converter_only:
         run(args)
     if args.converter or args.converter_only:

@@ -19,6 +19,7 @@ from flax import nnx
 
 from hellochat_jax.checkpoint.cosyvoice_yaml import load_cosyvoice_yaml
 from hellochat_jax.checkpoint.io import CheckpointError, DictSource, TorchSource
+from hellochat_jax.checkpoint.load import load_from_source
 from hellochat_jax.components.flow import weights as cosyvoice2_flow
 from hellochat_jax.components.flow.conformer import UpsampleEncoderConfig
 from hellochat_jax.components.flow.model import (
@@ -51,7 +52,8 @@ def tiny_model(cfg: FlowConfig | None = None, seed: int = 0) -> FlowDecoder:
     """Random weights everywhere (biases and norms too), so every parameter matters; loaded
     through the converter from a host-drawn release-layout state dict."""
     cfg = cfg or tiny_config()
-    return cosyvoice2_flow.load_from_source(cfg, DictSource(cosyvoice2_flow.random_state_dict(cfg, seed)), single_device_mesh())
+    _, model = load_from_source("cosyvoice2-flow", cfg, DictSource(cosyvoice2_flow.random_state_dict(cfg, seed)), single_device_mesh())
+    return model
 
 
 def rows(seed: int, token_lens, prompt_lens, n_tokens: int, n_prompt: int, cfg: FlowConfig) -> dict[str, np.ndarray]:
@@ -187,7 +189,7 @@ def test_refuses_mismatched_checkpoints_by_name():
     bad["decoder.rand_noise"] = np.zeros((1, 80, 15000), np.float32)
     bad["encoder.pre_lookahead_layer.conv1.weight"] = np.zeros((512, 512, 4), np.float32)
     with pytest.raises(CheckpointError) as e:
-        cosyvoice2_flow.load_from_source(cfg, DictSource(bad), single_device_mesh())
+        load_from_source("cosyvoice2-flow", cfg, DictSource(bad), single_device_mesh())
     msg = str(e.value)
     for key in ("encoder.up_encoders.3.feed_forward.w_1.weight", "decoder.rand_noise", "encoder.pre_lookahead_layer.conv1.weight"):
         assert key in msg, key

@@ -137,12 +137,19 @@ def test_repetition_penalty_matches_transformers(tmp_path):
     np.testing.assert_array_equal(tokens[0], expected)
 
 
-def test_stop_tokens_end_rows_and_pad_the_rest(tmp_path):
+@pytest.fixture
+def free_run(tmp_path):
+    """(model, prompt, mesh, free): a tied GQA model and its greedy continuation with no stop token."""
     path, _ = make_hf_model(tmp_path, "gqa-tied", seed=7)
     mesh = single_device_mesh()
     _, model = hf_qwen2.load(path, mesh)
     prompt = np.array([[1, 2, 3]], np.int32)
     free, _ = generate(model, prompt, max_new_tokens=8, mesh=mesh)
+    return model, prompt, mesh, free
+
+
+def test_stop_tokens_end_rows_and_pad_the_rest(free_run):
+    model, prompt, mesh, free = free_run
     stop = int(free[0, 3])
     tokens, lengths = generate(model, prompt, max_new_tokens=8, stop_tokens=[stop], pad_id=0, mesh=mesh)
     first = int(np.argmax(free[0] == stop))
@@ -151,12 +158,8 @@ def test_stop_tokens_end_rows_and_pad_the_rest(tmp_path):
     assert np.all(tokens[0, first:] == 0)
 
 
-def test_stop_tokens_are_ignored_below_min_new_tokens(tmp_path):
-    path, _ = make_hf_model(tmp_path, "gqa-tied", seed=7)
-    mesh = single_device_mesh()
-    _, model = hf_qwen2.load(path, mesh)
-    prompt = np.array([[1, 2, 3]], np.int32)
-    free, _ = generate(model, prompt, max_new_tokens=8, mesh=mesh)
+def test_stop_tokens_are_ignored_below_min_new_tokens(free_run):
+    model, prompt, mesh, free = free_run
     stop = int(free[0, 1])
     tokens, lengths = generate(model, prompt, max_new_tokens=8, stop_tokens=[stop], min_new_tokens=4, mesh=mesh)
     assert lengths[0] >= 4 and stop not in tokens[0, :4].tolist()

@@ -16,6 +16,7 @@ from conftest import FIXTURES, full_mesh, single_device_mesh
 from flax import nnx
 
 from hellochat_jax.checkpoint.io import CheckpointError, DictSource, TorchSource
+from hellochat_jax.checkpoint.load import load_from_source
 from hellochat_jax.components.qwen2.model import Qwen2Config
 from hellochat_jax.components.speech_lm import model as slm
 from hellochat_jax.components.speech_lm import weights as cosyvoice2_llm
@@ -118,14 +119,14 @@ def test_refuses_mismatched_checkpoints_by_name():
     bad["llm.extra.weight"] = np.zeros(3, np.float32)
     bad["speech_embedding.weight"] = np.zeros((7, 64), np.float32)
     with pytest.raises(CheckpointError) as e:
-        cosyvoice2_llm.load_from_source(cfg, DictSource(bad), mesh)
+        load_from_source("cosyvoice2-llm", cfg, DictSource(bad), mesh)
     msg = str(e.value)
     assert "llm.model.model.layers.1.mlp.up_proj.weight" in msg and "llm.extra.weight" in msg and "speech_embedding.weight" in msg
 
     untied = dict(good)
     untied["llm.model.lm_head.weight"] = good["llm.model.lm_head.weight"] + 1
     with pytest.raises(CheckpointError, match="lm_head.weight differs"):
-        cosyvoice2_llm.load_from_source(cfg, DictSource(untied), mesh)
+        load_from_source("cosyvoice2-llm", cfg, DictSource(untied), mesh)
 
 
 def test_config_comes_from_the_yaml_and_backbone_config():

@@ -9,14 +9,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from train_util import (
-    device_env,
-    losses,
-    run_train,
-    tiny_config,
-    train_command,
-    write_config,
-)
+from train_util import device_env, losses, run_train, tiny_config, train_command, write_config
 
 
 def _free_port() -> int:

@@ -10,14 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_util import (
-    device_env,
-    losses,
-    run_train,
-    tiny_config,
-    train_command,
-    write_config,
-)
+from train_util import device_env, losses, run_train, tiny_config, train_command, write_config
 
 STEPS, EVERY = 8, 4
 

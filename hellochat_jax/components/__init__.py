@@ -2,7 +2,8 @@
 
 Each component is one folder, `components/<folder>/`, holding
     model.py    its Flax NNX module(s) and config dataclass
-    weights.py  its key table and the import/export of its release format
+    weights.py  its key table and the import/export of its release format: `open_release` and
+                `prepare_source`, which `checkpoint.load.load_release` reads through, and `export`
     parity.py   `run(case, mesh, rules) -> {output: array}` for `hellochat verify`
 The registry key is the name fixtures (`fixture.json` "component") and model folders
 (`hellochat.json`) use.

@@ -83,11 +83,7 @@ def validate(wav: np.ndarray, source: str | os.PathLike | None = None) -> np.nda
     wav = np.asarray(wav)
     if wav.ndim != 1:
         raise AudioError(f"{_where(source)}expected a mono waveform [samples], got shape {wav.shape}")
-    if wav.size == 0:
-        raise AudioError(f"{_where(source)}the audio has no samples")
-    if not np.issubdtype(wav.dtype, np.floating):
-        raise AudioError(f"{_where(source)}expected float samples in [-1, 1], got dtype {wav.dtype}")
-    _check_finite(wav, SAMPLE_RATE, source)
+    wav = to_mono(wav, SAMPLE_RATE, source)  # samples, float dtype, finite: what any audio must pass
     if wav.size < min_samples():
         raise AudioError(
             f"{_where(source)}audio too short: {wav.size} samples ({wav.size / SAMPLE_RATE:.3f} s at 16 kHz) "
@@ -109,7 +105,7 @@ def to_mono(samples: np.ndarray, sample_rate: int, source: str | os.PathLike | N
     if samples.size == 0:
         raise AudioError(f"{_where(source)}the audio has no samples")
     if not np.issubdtype(samples.dtype, np.floating):
-        raise AudioError(f"{_where(source)}expected float samples, got dtype {samples.dtype}")
+        raise AudioError(f"{_where(source)}expected float samples in [-1, 1], got dtype {samples.dtype}")
     if sample_rate <= 0:
         raise AudioError(f"{_where(source)}invalid sample rate {sample_rate}")
     _check_finite(samples, sample_rate, source)  # before resampling smears one bad sample over many

@@ -254,6 +254,20 @@ def _init_direction(rngs: nnx.Rngs, shape: Sequence[int], dtype) -> jax.Array:
     return 0.01 * jax.random.normal(rngs.params(), tuple(shape), dtype)
 
 
+def _direction_norm(v: jax.Array, axes: tuple[int, int]) -> jax.Array:
+    """||v|| over `axes` (every axis but torch's weight-norm dim 0), kept as size-1 axes."""
+    return jnp.sqrt(jnp.sum(jnp.square(v), axis=axes, keepdims=True))
+
+
+def _weight_norm_kernel(g: nnx.Param | None, v: nnx.Param, axes: tuple[int, int]) -> jax.Array:
+    """torch weight norm's W = g * v / ||v|| (norm over `axes`), in float32; once folded
+    (HiFTVocoder.fold_weight_norm sets g to None) v holds W itself."""
+    if g is None:
+        return v[...]
+    v = v[...].astype(jnp.float32)
+    return v * (jnp.expand_dims(g[...].astype(jnp.float32), axes) / _direction_norm(v, axes))
+
+
 class Conv1d(nnx.Module):
     """Plain torch Conv1d: kernel [taps, in, out] (torch's [out, in, taps] transposed) and bias."""
 
@@ -275,18 +289,14 @@ class WeightNormConv1d(nnx.Module):
 
     def __init__(self, cin: int, cout: int, taps: int, *, dilation: int = 1, padding: int = 0, dtype: Any, param_dtype: Any, precision: Any, rngs: nnx.Rngs):
         v = _init_direction(rngs, (taps, cin, cout), param_dtype)
-        self.g = nnx.Param(jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 1))), out_sharding=OUT_CHANNELS)
+        self.g = nnx.Param(_direction_norm(v, (0, 1)).reshape(cout), out_sharding=OUT_CHANNELS)
         self.v = nnx.Param(v, out_sharding=KERNEL)
         self.bias = nnx.Param(jnp.zeros((cout,), param_dtype), out_sharding=OUT_CHANNELS)
         self.dilation, self.padding = dilation, padding
         self.dtype, self.precision = dtype, precision
 
     def kernel(self) -> jax.Array:
-        if self.g is None:  # folded (HiFTVocoder.fold_weight_norm): v holds W
-            return self.v[...]
-        v = self.v[...].astype(jnp.float32)
-        norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 1)))
-        return v * (self.g[...].astype(jnp.float32) / norm)
+        return _weight_norm_kernel(self.g, self.v, (0, 1))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = _conv(x.astype(self.dtype), self.kernel().astype(self.dtype), dilation=self.dilation, padding=(self.padding, self.padding), precision=self.precision)
@@ -302,18 +312,14 @@ class WeightNormConvTranspose1d(nnx.Module):
 
     def __init__(self, cin: int, cout: int, taps: int, stride: int, *, padding: int, dtype: Any, param_dtype: Any, precision: Any, rngs: nnx.Rngs):
         v = _init_direction(rngs, (taps, cin, cout), param_dtype)
-        self.g = nnx.Param(jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 2))), out_sharding=IN_CHANNELS)
+        self.g = nnx.Param(_direction_norm(v, (0, 2)).reshape(cin), out_sharding=IN_CHANNELS)
         self.v = nnx.Param(v, out_sharding=KERNEL)
         self.bias = nnx.Param(jnp.zeros((cout,), param_dtype), out_sharding=OUT_CHANNELS)
         self.taps, self.stride, self.padding = taps, stride, padding
         self.dtype, self.precision = dtype, precision
 
     def kernel(self) -> jax.Array:
-        if self.g is None:  # folded (HiFTVocoder.fold_weight_norm): v holds W
-            return self.v[...]
-        v = self.v[...].astype(jnp.float32)
-        norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 2)))
-        return v * (self.g[...].astype(jnp.float32) / norm)[None, :, None]
+        return _weight_norm_kernel(self.g, self.v, (0, 2))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         k, s = self.taps, self.stride

@@ -14,37 +14,17 @@ Accepted inputs of `load`:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-import jax
-
-from hellochat_jax.checkpoint.io import (
-    CONV1D,
-    IDENTITY,
-    TRANSPOSE,
-    CheckpointError,
-    DictSource,
-    KeyRule,
-    KeyTable,
-    TensorSource,
-    TorchSource,
-    abstract_module,
-    export_tensors,
-    load_into,
-    save_torch,
-    torch_state_dict,
-)
-from hellochat_jax.checkpoint.load import load_checkpoint
-from hellochat_jax.components.s3tokenizer.model import (
-    ROPE_DIM,
-    S3Tokenizer,
-    S3TokenizerConfig,
-)
-from hellochat_jax.core import sharding as shd
+from hellochat_jax.checkpoint.io import CONV1D, IDENTITY, TRANSPOSE, CheckpointError, DictSource, KeyRule, KeyTable
+from hellochat_jax.checkpoint.io import TensorSource, TorchSource, export_tensors, save_torch, torch_state_dict
+from hellochat_jax.checkpoint.load import load_release
+from hellochat_jax.components.s3tokenizer.model import ROPE_DIM, S3Tokenizer, S3TokenizerConfig
 
 COMPONENT = "s3tokenizer-v2"
 PT_NAME = "speech_tokenizer_v2_25hz.pt"
@@ -118,8 +98,8 @@ def _find_checkpoint(folder: Path) -> Path:
     raise CheckpointError(f"{folder}: no S3Tokenizer checkpoint (speech_tokenizer*.pt / .onnx) found")
 
 
-def open_checkpoint(path: str | os.PathLike, **overrides: Any) -> tuple[S3TokenizerConfig, TensorSource]:
-    """(config, tensor source) for a .pt, a .onnx, or a folder holding one."""
+def open_release(path: str | os.PathLike, **overrides: Any) -> tuple[S3TokenizerConfig, TensorSource, str]:
+    """A .pt, a .onnx, or a folder holding one."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: not found")
@@ -141,26 +121,15 @@ def open_checkpoint(path: str | os.PathLike, **overrides: Any) -> tuple[S3Tokeni
             raise CheckpointError(f"{cfg_file}: {e}") from None
     else:
         cfg = infer_config(source, **overrides)
-    return cfg, source
+    return cfg, source, str(path)
 
 
-def load(
-    path: str | os.PathLike,
-    mesh: jax.sharding.Mesh | None = None,
-    rules: shd.Rules = shd.DEFAULT_RULES,
-    *,
-    progress: bool = False,
-    **config_overrides: Any,
-) -> tuple[S3TokenizerConfig, S3Tokenizer]:
-    """Streams a checkpoint (see the module docstring for the forms) onto the mesh."""
-    mesh = mesh if mesh is not None else shd.make_mesh()
-    path = Path(path)
-    if path.is_dir() and (path / "hellochat.json").exists():
-        _, cfg, model = load_checkpoint(path, mesh, rules, component=COMPONENT, **config_overrides)
-        return cfg, model
-    cfg, source = open_checkpoint(path, **config_overrides)
-    model = load_into(abstract_module(S3Tokenizer, cfg), source, TABLE, mesh, rules, what=str(path), progress=progress)
-    return cfg, model
+def prepare_source(cfg: S3TokenizerConfig, source: TensorSource, what: str) -> tuple[S3TokenizerConfig, TensorSource, KeyTable]:
+    return cfg, source, TABLE
+
+
+# (config, S3Tokenizer) from any form above: checkpoint.load.load_release.
+load = functools.partial(load_release, COMPONENT)
 
 
 # ----------------------------------------------------------------------------- export
