@@ -124,9 +124,9 @@ def test_cli_reports_files_and_counts(tiny_corpus, capsys):  # noqa: F811
     from hellochat_jax.cli import data as cli
 
     data_dir = str(tiny_corpus.parents[2])  # .../<data_dir>/hellochat_synth/tiny/1.0.0
-    args = argparse.Namespace(
-        kind="synth", tiny=True, size=None, seed=0, workers=1, data_dir=data_dir, vocab_size=1024, overwrite=False
-    )
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["build", "synth", "--tiny", "--workers", "1", "--data_dir", data_dir])
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert str(tiny_corpus) in out
