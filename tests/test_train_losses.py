@@ -46,7 +46,7 @@ def test_talker_loss_is_the_speech_lm_loss(lsm_weight, length_normalized):
     logits, targets = batch(4)
     settings = LossSettings(lsm_weight, length_normalized)
     want, _ = speech_token_loss(logits, targets, lsm_weight=lsm_weight, length_normalized=length_normalized)
-    objective = Objective(num_tasks=1)
+    objective = Objective(("t0",))
     step = {"speech_targets": targets[None]}  # [accum=1, rows, T]
     micro = {"speech_ids": None, "speech_kinds": None, "speech_targets": targets}
     got, stats = objective.talker_loss(FixedTalker(logits, settings), micro, _norms(objective, step))
@@ -58,7 +58,7 @@ def test_accumulated_micro_batches_sum_to_the_whole_batch_loss():
     logits, targets = batch(4, seed=1)
     settings = LossSettings(0.1, False)
     want, _ = speech_token_loss(logits, targets, lsm_weight=0.1, length_normalized=False)
-    objective = Objective(num_tasks=1, remat=True)
+    objective = Objective(("t0",), remat=True)
     norms = _norms(objective, {"speech_targets": targets.reshape(2, 2, -1)})
     got = sum(
         objective.talker_loss(FixedTalker(logits[i:i + 2], settings), {"speech_ids": None, "speech_kinds": None, "speech_targets": targets[i:i + 2]}, norms)[0]

@@ -36,8 +36,10 @@ class LoRAConfig:
 class ModelConfig:
     """Which components exist and which of them train.
 
-    `encoder`/`adapter`/`talker` take the component's own config fields (DashengConfig,
-    AudioAdapter widths, SpeechTokenLMConfig); null leaves the component out. `dtype`,
+    `encoder`/`adapter`/`talker`/`flow`/`hift`/`speech_tokenizer`/`heads` take the component's own
+    config fields (DashengConfig, AudioAdapter widths, SpeechTokenLMConfig, FlowConfig, HiFTConfig,
+    S3TokenizerConfig, HeadsConfig); null leaves the component out. A run builds only the parts
+    its stage trains (train/stages.py), but every section rides along in its checkpoints. `dtype`,
     `param_dtype`, `remat` and `scan_layers` apply to every component: bfloat16 `dtype` with
     float32 `param_dtype` is bf16 compute on f32 master weights.
     """
@@ -46,6 +48,10 @@ class ModelConfig:
     encoder: dict[str, Any] | None = None
     adapter: dict[str, Any] | None = None
     talker: dict[str, Any] | None = None
+    flow: dict[str, Any] | None = None
+    hift: dict[str, Any] | None = None
+    speech_tokenizer: dict[str, Any] | None = None
+    heads: dict[str, Any] | None = None
     audio_token_id: int | None = None  # placeholder id whose embeddings the adapter output replaces
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -138,6 +144,9 @@ class DistributedConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
+    stage: str = "thinker"  # what this run trains (train/stages.py)
+    stages: dict[str, Any] = dataclasses.field(default_factory=dict)  # stage -> overrides of this file
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the stage's own settings
     seed: int = 0
     steps: int = 1000  # optimizer updates
     run_dir: str = "runs/default"
@@ -161,9 +170,30 @@ class TrainConfig:
         return self.optim.decay_steps if self.optim.decay_steps is not None else self.steps
 
 
-def load(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Reads and type-checks a config (no devices touched); `validate` checks it against them."""
-    cfg = config_lib.load(TrainConfig, path, overrides)
+def load(path: str | Path | None, overrides: list[str] | None = None, stage: str | None = None) -> TrainConfig:
+    """Reads and type-checks a config (no devices touched); `validate` checks it against them.
+
+    With a `stage` (or `stage=` among the overrides) the file's `stages.<stage>` section is
+    merged over the rest of the file before the overrides; a stage other than the thinker runs
+    in `<run_dir>/<stage>` unless its section names a run_dir."""
+    data = config_lib.load_dict(path)
+    update = config_lib.parse_overrides(overrides or [])
+    stage = stage or update.get("stage") or data.get("stage") or "thinker"
+    from hellochat_jax.train import stages as stages_lib
+
+    if stage not in stages_lib.STAGE_MODULES:
+        raise ConfigError(f"unknown stage {stage!r}; the stages are {list(stages_lib.STAGE_MODULES)}")
+    section = (data.get("stages") or {}).get(stage) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"stages.{stage}: expected a mapping of overrides")
+    merged = config_lib.merge(data, section)
+    if stage != data.get("stage", "thinker"):
+        # options are the stage's own: the file's top-level ones belong to the file's stage
+        merged["options"] = dict(section.get("options") or {})
+    if stage != "thinker" and "run_dir" not in section:
+        merged["run_dir"] = str(Path(merged.get("run_dir", TrainConfig.run_dir)) / stage)
+    merged["stage"] = stage
+    cfg = config_lib.from_dict(TrainConfig, config_lib.merge(merged, update), where=str(path or "config"))
     check_static(cfg)
     return cfg
 
@@ -185,6 +215,13 @@ def check_static(cfg: TrainConfig) -> None:
     for key in ("dtype", "param_dtype"):
         if getattr(m, key) not in ("float32", "bfloat16"):
             raise ConfigError(f"model.{key}={getattr(m, key)!r}; choose float32 or bfloat16")
+    from hellochat_jax.train import stages as stages_lib
+
+    stage = stages_lib.get(cfg.stage)
+    stages_lib.options(cfg, stage)  # the stage's options, type-checked
+    for part in stages_lib.parts_of(stage, cfg):
+        if part not in ("thinker", "heads") and getattr(m, part, None) is None:
+            raise ConfigError(f"stage {cfg.stage!r} trains model.{part}, but the config has no model.{part} section")
     if cfg.steps <= 0:
         raise ConfigError(f"steps={cfg.steps}: must be positive")
     if o.grad_accum < 1:
@@ -205,7 +242,7 @@ def check_static(cfg: TrainConfig) -> None:
         encoder_config(m)  # the component configs, type-checked
     if m.talker is not None:
         talker_config(m)
-    if d.source == "corpus":
+    if d.source == "corpus" and cfg.stage == "thinker":
         from hellochat_jax.train.corpus import pipeline_config
 
         pipeline_config(cfg)  # the pipeline's own fields, type-checked

@@ -5,8 +5,9 @@ held-out evaluation on its validation split.
 limits, ...) except `batch_size` and `seq_len`, which come from `data` (the trainer's batch is
 global; the pipeline's is per process).
 
-Evaluation decodes greedily from prompts built exactly as in training (same chat template,
-same instructions, no modality swaps) for three tasks of the validation split and scores:
+Evaluation (hellochat_jax/pipelines/evaluate.py, the code `hellochat eval understand` runs)
+decodes greedily from prompts built exactly as in training (same chat template, same
+instructions, no modality swaps) for three tasks of the validation split and scores:
     asr      WER and CER (jiwer) on lower-cased, punctuation-free text
     emotion  accuracy of the predicted label
     events   micro-F1 of the predicted comma-separated event set
@@ -16,16 +17,10 @@ for comparison.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import re
-from collections import Counter
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from hellochat_jax.train.config import TrainConfig
 
 from hellochat_jax.core.config import ConfigError, from_dict
@@ -59,7 +54,8 @@ class CorpusData:
         self.process = (process_index, process_count)
         self.task_names = ("none",) + tuple(pipeline.TASKS)  # task_id 0 = padding
         self.talker = None
-        if cfg.model.talker is not None:
+        # The talker trains here only when it has no stage of its own (train/thinker_stage.py).
+        if cfg.model.talker is not None and "talker" not in cfg.stages:
             if not self.pipeline_cfg.talker:
                 raise ConfigError("model.talker is set but data.corpus.mixture.tts is 0: the talker would get no pairs")
             from hellochat_jax.train.model import talker_config
@@ -75,7 +71,10 @@ class CorpusData:
 
     @staticmethod
     def keys_for(cfg: TrainConfig) -> tuple[str, ...]:
-        return USED_KEYS + (AUDIO_KEYS if cfg.model.encoder is not None else ())
+        keys = USED_KEYS + (AUDIO_KEYS if cfg.model.encoder is not None else ())
+        if cfg.model.encoder is not None and cfg.data.corpus.get("ctc_label_len"):
+            keys += ("ctc_labels", "ctc_label_lengths")
+        return keys
 
     def iterator(self):
         from hellochat_jax.data import pipeline
@@ -132,116 +131,35 @@ def talker_batch(batch: dict[str, np.ndarray], talker_cfg, length: int) -> dict[
 
 # ----------------------------------------------------------------------------- evaluation
 
-EVAL_TASKS = ("asr", "emotion", "events")
-
-
-def normalize(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
-
-
-def event_set(text: str) -> set[str]:
-    return {normalize(x) for x in text.split(",") if normalize(x)}
-
-
-def f1(pred: list[set[str]], gold: list[set[str]]) -> float:
-    tp = sum(len(p & g) for p, g in zip(pred, gold))
-    n_pred, n_gold = sum(len(p) for p in pred), sum(len(g) for g in gold)
-    return 2 * tp / (n_pred + n_gold) if n_pred + n_gold else 1.0
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _embed(graphdef, state, ids, audio, lengths):
-    model = nnx.merge(graphdef, state)
-    return model.thinker.embed_rows(ids, audio, lengths)
-
 
 class Evaluator:
+    """The held-out evaluation (hellochat_jax/pipelines/evaluate.py, shared with `hellochat eval
+    understand`) on the first `num_examples` validation records, with the corpus's tokenizer and
+    the run's system prompt; `*_chance` scores of a constant guess and one example per task."""
+
     def __init__(self, trainer, pipeline_cfg, num_examples: int, batch_size: int, max_new_tokens: int):
-        from hellochat_jax.data import builders, pipeline
+        from hellochat_jax.data import pipeline
+        from hellochat_jax.pipelines import evaluate
 
         self.trainer = trainer
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
-        cfg = dataclasses.replace(pipeline_cfg, split="validation", audio_to_text_p=0.0, text_to_audio_q=0.0)
-        self.chat = pipeline._chat_tokens(pipeline.tokenizer_path(cfg))
-        source = builders.open_source(cfg.dataset, "validation", cfg.data_dir or None)
-        examples = [pipeline.decode(source[i]) for i in range(min(num_examples, len(source)))]
-        examples = [ex for ex in examples if not isinstance(ex, pipeline.Skipped)]
-        rng = np.random.default_rng(0)
-        header = (self.chat.im_start, *self.chat.text("assistant\n"))
-        self.prompts: dict[str, list[dict[str, Any]]] = {}
-        for task in EVAL_TASKS:
-            rows = []
-            for ex in examples:
-                if task not in pipeline.available_tasks(ex):
-                    continue
-                messages = pipeline.build_messages(ex, task, rng, cfg, dict.fromkeys(pipeline.COUNTERS, 0))
-                enc = self.chat.encode(messages[:-1])  # everything up to the answer
-                answer = {"asr": ex.transcript, "emotion": ex.emotion, "events": ", ".join(ex.events)}[task]
-                clip = np.asarray(enc.clips[0], np.float32)[: cfg.max_audio_samples]
-                rows.append({"ids": list(enc.ids) + list(header), "clip": clip, "answer": answer})
-            self.prompts[task] = rows
+        self.chat = pipeline._chat_tokens(pipeline.tokenizer_path(pipeline_cfg))
+        records = evaluate.load_records(pipeline_cfg.dataset, "validation", num_examples, pipeline_cfg.data_dir or None)
+        self.prompts = evaluate.understanding_prompts(records, evaluate.EVAL_TASKS, self.chat, pipeline_cfg)
         # One prompt length and one audio length for every batch: one compilation.
-        self.prompt_len = max(len(r["ids"]) for rows in self.prompts.values() for r in rows)
-        self.audio_len = cfg.max_audio_samples
-        self.chance = self._chance()
-
-    def _chance(self) -> dict[str, float]:
-        out = {}
-        emotions = [r["answer"] for r in self.prompts.get("emotion", [])]
-        if emotions:
-            out["eval/emotion_accuracy_chance"] = Counter(emotions).most_common(1)[0][1] / len(emotions)
-        events = [event_set(r["answer"]) for r in self.prompts.get("events", [])]
-        if events:
-            guess = Counter(e for s in events for e in s).most_common(1)[0][0]
-            out["eval/events_f1_chance"] = f1([{guess}] * len(events), events)
-        return out
-
-    def _generate(self, model, rows: list[dict[str, Any]]) -> list[str]:
-        from hellochat_jax.core import decoding as gen
-
-        b, t = self.batch_size, self.prompt_len
-        pad = self.chat.pad
-        texts = []
-        graphdef, state = nnx.split(model)
-        for start in range(0, len(rows), b):
-            chunk = rows[start : start + b]
-            chunk = chunk + [chunk[-1]] * (b - len(chunk))  # fixed batch shape
-            ids = np.full((b, t), pad, np.int32)
-            mask = np.zeros((b, t), np.int32)
-            audio = np.zeros((b, 1, self.audio_len), np.float32)
-            lengths = np.zeros((b, 1), np.int32)
-            for i, r in enumerate(chunk):
-                n = len(r["ids"])
-                ids[i, t - n :], mask[i, t - n :] = r["ids"], 1
-                audio[i, 0, : len(r["clip"])] = r["clip"]
-                lengths[i, 0] = len(r["clip"])
-            embeds = _embed(graphdef, state, jnp.asarray(ids), jnp.asarray(audio), jnp.asarray(lengths))
-            tokens, lens = gen.generate(
-                model.thinker.decoder, ids, mask, inputs_embeds=embeds, max_new_tokens=self.max_new_tokens,
-                stop_tokens=(self.chat.im_end, self.chat.endoftext), pad_id=pad, mesh=self.trainer.mesh,
-            )
-            for i in range(min(b, len(rows) - start)):
-                texts.append(self.chat.tokenizer.decode(tokens[i, : lens[i]].tolist(), skip_special_tokens=True))
-        return texts
+        self.shape = evaluate.prompt_shape([p for rows in self.prompts.values() for p in rows])
+        self.chance = {f"eval/{k}": v for k, v in evaluate.chance_scores(self.prompts).items()}
 
     def __call__(self, model) -> dict[str, float]:
-        import jiwer
+        from hellochat_jax.pipelines import evaluate
 
-        out: dict[str, Any] = dict(self.chance)
+        scores, preds = evaluate.evaluate_understanding(
+            model.thinker, self.chat, self.prompts, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
+            mesh=self.trainer.mesh, shape=self.shape,
+        )
+        out: dict[str, Any] = {**self.chance, **{f"eval/{k}": v for k, v in scores.items()}}
         for task, rows in self.prompts.items():
-            if not rows:
-                continue
-            preds = self._generate(model, rows)
-            answers = [r["answer"] for r in rows]
-            if task == "asr":
-                refs = [normalize(a) or "-" for a in answers]
-                hyps = [normalize(p) for p in preds]
-                out["eval/wer"] = float(jiwer.wer(refs, hyps))
-                out["eval/cer"] = float(jiwer.cer(refs, hyps))
-            elif task == "emotion":
-                out["eval/emotion_accuracy"] = float(np.mean([normalize(p) == normalize(a) for p, a in zip(preds, answers)]))
-            else:
-                out["eval/events_f1"] = f1([event_set(p) for p in preds], [event_set(a) for a in answers])
-            out[f"eval/example_{task}"] = f"{preds[0]!r} (want {answers[0]!r})"
+            if rows:
+                out[f"eval/example_{task}"] = f"{preds[task][0]!r} (want {rows[0].answer!r})"
         return out

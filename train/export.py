@@ -65,18 +65,19 @@ def read_step(run: str | Path, step: int | None = None) -> tuple[int, Path, Trai
     return step, steps[step], cfg
 
 
-def export_run(run: str | Path, out: str | Path, *, step: int | None = None, mesh: jax.sharding.Mesh | None = None) -> Path:
-    """Writes the model folder of one step of a run; returns its path."""
+def restore_run(run: str | Path, step: int | None = None, mesh: jax.sharding.Mesh | None = None):
+    """(the HelloChat config of the parts a run trained (training heads left out), their
+    {path: array} with LoRA merged, the run's config, the step) of one step of a run."""
     import orbax.checkpoint as ocp
 
-    from hellochat_jax.checkpoint.folder import save_model_folder
-    from hellochat_jax.components.hellochat.model import HelloChat
+    from hellochat_jax.train import stages
 
     step, step_dir, cfg = read_step(run, step)
     mesh = mesh if mesh is not None else shd.make_mesh()
     rules = shd.rules_from_config(cfg.rules)
+    parts = stages.parts_of(stages.get(cfg.stage), cfg)
     try:
-        trained = shd.abstract_model(build(cfg.model, cfg.seed))  # the structure the run trained (LoRA included)
+        trained = shd.abstract_model(build(cfg.model, cfg.seed, parts))  # the structure the run trained (LoRA included)
     except ConfigError as e:
         raise CheckpointError(f"{step_dir}: {e}") from None
     from hellochat_jax.train.lora import trainable_filter
@@ -94,11 +95,36 @@ def export_run(run: str | Path, out: str | Path, *, step: int | None = None, mes
                                         partial_restore=True),
         )
     trained = nnx.merge(graphdef, restored["params"], restored["rest"])
-
+    values = {k: v for k, v in _merged_variables(trained).items() if k[0] != "heads"}
     # Serving needs no remat or layer scan; the parameter paths are the same either way.
-    model_cfg = model_config(dataclasses.replace(cfg.model, remat="none", scan_layers=False))
+    served = model_config(dataclasses.replace(cfg.model, remat="none", scan_layers=False), tuple(p for p in parts if p != "heads"))
+    return dataclasses.replace(served, heads=None), values, cfg, step
+
+
+def export_run(run: str | Path, out: str | Path, *, step: int | None = None, mesh: jax.sharding.Mesh | None = None) -> Path:
+    """Writes the model folder of a run; returns its path. The run's own stage gives its parts
+    (at `step`, default the latest); every later stage found in `<run>/<stage>/` (the
+    speech tokenizer, talker, flow, vocoder: train/stages.py) adds its parts at its latest step."""
+    from hellochat_jax.checkpoint.folder import save_model_folder
+    from hellochat_jax.components.hellochat.model import HelloChat
+    from hellochat_jax.train import stages
+
+    mesh = mesh if mesh is not None else shd.make_mesh()
+    model_cfg, values, cfg, _ = restore_run(run, step, mesh)
+    composed = [f"{cfg.stage} ({Path(run)})"]
+    for stage in stages.ORDER:
+        sub = Path(run) / stage
+        if stage == cfg.stage or not (sub / "checkpoints").is_dir() or not _step_dirs(sub / "checkpoints"):
+            continue
+        part_cfg, part_values, _, part_step = restore_run(sub, None, mesh)
+        for part in part_cfg.parts:
+            if getattr(model_cfg, part) is not None:
+                raise CheckpointError(f"{sub}: part {part!r} was trained by two stages")
+            model_cfg = dataclasses.replace(model_cfg, **{part: getattr(part_cfg, part)})
+        values.update(part_values)
+        composed.append(f"{stage} (step {part_step})")
+
     model = shd.abstract_model(lambda: HelloChat(model_cfg, rngs=nnx.Rngs(0)))
-    values = _merged_variables(trained)
     _, plain = nnx.split(model)
     missing = []
     for path, var in nnx.to_flat_state(plain):
@@ -108,7 +134,7 @@ def export_run(run: str | Path, out: str | Path, *, step: int | None = None, mes
             continue
         var.set_value(values.pop(key))
     if missing or values:
-        raise CheckpointError(f"{step_dir}: does not match its config: missing {missing[:8]}, unexpected {list(values)[:8]}")
+        raise CheckpointError(f"{run}: does not match its config: missing {missing[:8]}, unexpected {list(values)[:8]}")
     nnx.update(model, plain)
 
     tokenizer, prompt = None, {}
@@ -120,7 +146,11 @@ def export_run(run: str | Path, out: str | Path, *, step: int | None = None, mes
         pipeline_cfg = pipeline_config(cfg)
         tokenizer = pipeline.tokenizer_path(pipeline_cfg)
         prompt = {"system": pipeline_cfg.system_prompt}
-    return save_model_folder(model, out, thinker_tokenizer=tokenizer, prompt=prompt)
+    # The talker reads text with the corpus tokenizer too (plus CosyVoice 2's special tokens,
+    # added when it is loaded).
+    talker_tokenizer = tokenizer if model_cfg.talker is not None else None
+    print(f"model folder parts: {', '.join(composed)}")
+    return save_model_folder(model, out, thinker_tokenizer=tokenizer, talker_tokenizer=talker_tokenizer, prompt=prompt)
 
 
 def _merged_variables(model: nnx.Module) -> dict[tuple, jax.Array]:

@@ -45,8 +45,11 @@ class Objective:
     `remat` trades the cross-entropy's saved exponentials for a recomputation (on with any
     `model.remat` policy: memory first; off with `none`: speed first)."""
 
-    def __init__(self, num_tasks: int, talker_weight: float = 1.0, remat: bool = False):
-        self.num_tasks = num_tasks
+    def __init__(self, task_names: tuple[str, ...], talker_weight: float = 1.0, remat: bool = False,
+                 encoder_ctc_weight: float = 0.0):
+        self.task_names = tuple(task_names)
+        self.num_tasks = len(self.task_names)
+        self.encoder_ctc_weight = encoder_ctc_weight
         self.talker_weight = talker_weight
         self.cross_entropy = remat_cross_entropy if remat else token_cross_entropy
         self.speech_terms = jax.checkpoint(speech_token_terms, static_argnums=(2,)) if remat else speech_token_terms
@@ -54,6 +57,9 @@ class Objective:
     def normalizers(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """From the stacked step batch [accum, rows, ...]."""
         out = {"thinker": jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)}
+        if "ctc_label_lengths" in batch:
+            # per label token: an utterance's CTC is a sum over its words
+            out["encoder_ctc_labels"] = jnp.maximum(jnp.sum(batch["ctc_label_lengths"]).astype(jnp.float32), 1.0)
         if "speech_targets" in batch:
             speech = batch["speech_targets"] != IGNORE_ID
             out["talker"] = jnp.maximum(jnp.sum(speech).astype(jnp.float32), 1.0)
@@ -63,7 +69,9 @@ class Objective:
     def __call__(self, model, batch: dict[str, jax.Array], key: jax.Array, norms: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, Any]]:
         """One micro-batch -> (its share of the step loss, summed statistics)."""
         del key  # no stochastic layers yet; kept so dropout or flow-matching noise can use it
-        embeds = model.thinker.embed_rows(batch["input_ids"], batch.get("audio"), batch.get("audio_lengths"))
+        use_ctc = self.encoder_ctc_weight > 0 and model.heads is not None and model.heads.encoder_ctc is not None
+        embeds, features = model.thinker.embed_rows(batch["input_ids"], batch.get("audio"), batch.get("audio_lengths"),
+                                                    return_features=True)
         logits, _ = model.thinker.decoder(inputs_embeds=embeds, attention_mask=batch["segment_ids"], positions=batch["positions"])
         ce, correct = self.cross_entropy(logits, batch["targets"])
         mask = batch["loss_mask"].astype(jnp.float32)
@@ -79,11 +87,35 @@ class Objective:
         if "bad_records" in batch:  # records the data pipeline skipped for this micro-batch
             stats["skipped_records"] = jnp.sum(batch["bad_records"] + batch["too_long"]).astype(jnp.float32)
         loss = stats["thinker_ce"] / norms["thinker"]
+        if use_ctc and features is not None:
+            ctc, labels = self.encoder_ctc(model, features, batch)
+            stats.update(encoder_ctc=ctc, encoder_ctc_labels=labels)
+            loss = loss + self.encoder_ctc_weight * ctc / norms["encoder_ctc_labels"]
         if "talker" in norms and model.talker is not None:
             talker_loss, talker_stats = self.talker_loss(model.talker, batch, norms)
             stats.update(talker_stats)
             loss = loss + self.talker_weight * talker_loss
         return loss, stats
+
+    def encoder_ctc(self, model, features: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """CTC of each clip's words (`ctc_labels`, empty = none) on the audio encoder's 25 Hz
+        features of that clip, from the thinker's own forward. Returns (sum over clips, label tokens)."""
+        import optax
+
+        from hellochat_jax.components.dasheng.model import FRAMES_PER_PATCH
+
+        enc = model.thinker.audio_encoder.cfg
+        lengths = batch["audio_lengths"].reshape(-1)
+        labels = batch["ctc_labels"].reshape(lengths.shape[0], -1)
+        n_labels = batch["ctc_label_lengths"].reshape(-1)
+        logits = model.heads.encoder_ctc(features).astype(jnp.float32)
+        frames = (1 + lengths // enc.hop_size) // FRAMES_PER_PATCH
+        logit_pad = (jnp.arange(logits.shape[1])[None, :] >= frames[:, None]).astype(jnp.float32)
+        label_pad = (jnp.arange(labels.shape[1])[None, :] >= n_labels[:, None]).astype(jnp.float32)
+        with jax.named_scope("encoder_ctc"):
+            per_clip = optax.ctc_loss(logits, logit_pad, labels, label_pad, blank_id=0)
+        has = (n_labels > 0) & (lengths > 0)
+        return jnp.sum(jnp.where(has, per_clip, 0.0)), jnp.sum(jnp.where(has, n_labels, 0)).astype(jnp.float32)
 
     def talker_loss(self, talker, batch: dict[str, jax.Array], norms: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The speech LM's loss on one micro-batch (its share of the step's), as its config says."""
@@ -96,3 +128,18 @@ class Objective:
         }
         norm = norms["talker"] if talker.cfg.length_normalized_loss else norms["talker_rows"]
         return stats["talker_ce"] / norm, stats
+
+    def record(self, stats: dict[str, Any]) -> dict[str, float]:
+        """The thinker's entries of a train record (host side)."""
+        tok = max(float(stats["thinker_tokens"]), 1.0)
+        rec = {"thinker_loss": float(stats["thinker_ce"]) / tok, "thinker_accuracy": float(stats["thinker_correct"]) / tok}
+        for name, ce, n in zip(self.task_names, stats["task_ce"], stats["task_tokens"]):
+            if n > 0:
+                rec[f"loss/{name}"] = float(ce) / float(n)
+        if "talker_ce" in stats:
+            n = max(float(stats["talker_tokens"]), 1.0)
+            rec["talker_loss"] = float(stats["talker_ce"]) / n
+            rec["talker_accuracy"] = float(stats["talker_correct"]) / n
+        if "encoder_ctc" in stats:
+            rec["encoder_ctc"] = float(stats["encoder_ctc"]) / max(float(stats["encoder_ctc_labels"]), 1.0)
+        return rec

@@ -10,6 +10,7 @@ a short measured f32 matmul on CPU, or `log.peak_flops` when given.
 from __future__ import annotations
 
 import json
+import re
 import math
 import time
 from pathlib import Path
@@ -101,23 +102,17 @@ class MetricsLogger:
 
                 self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
-    def train_record(self, step: int, stats: dict[str, np.ndarray], *, step_time: float, data_wait: float) -> dict[str, Any]:
+    def train_record(self, step: int, stats: dict[str, np.ndarray], *, step_time: float, data_wait: float,
+                     stage_record: Any = None) -> dict[str, Any]:
+        """`stage_record(stats)`: the stage objective's own entries (its `record`)."""
         rec: dict[str, Any] = {"step": step, "loss": float(stats["loss"])}
-        tok = float(stats["thinker_tokens"])
-        rec["thinker_loss"] = float(stats["thinker_ce"]) / max(tok, 1.0)
-        rec["thinker_accuracy"] = float(stats["thinker_correct"]) / max(tok, 1.0)
-        for name, ce, n in zip(self.task_names, stats["task_ce"], stats["task_tokens"]):
-            if n > 0:
-                rec[f"loss/{name}"] = float(ce) / float(n)
-        if "talker_ce" in stats:
-            n = max(float(stats["talker_tokens"]), 1.0)
-            rec["talker_loss"] = float(stats["talker_ce"]) / n
-            rec["talker_accuracy"] = float(stats["talker_correct"]) / n
+        if stage_record is not None:
+            rec.update(stage_record(stats))
         rec["grad_norm"] = float(stats["grad_norm"])
         rec["lr"] = float(stats["lr"])
         rec["skipped_steps"] = int(stats["skipped"])
         rec["bad_in_row"] = int(stats["bad_in_row"])
-        rec["tokens"] = float(stats["input_tokens"])
+        rec["tokens"] = float(stats.get("input_tokens", float("nan")))  # the stage's unit: tokens, frames
         rec["step_time_s"] = step_time
         rec["data_wait_s"] = data_wait
         rec["tokens_per_s"] = rec["tokens"] / step_time if step_time > 0 else float("nan")
@@ -202,13 +197,16 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(12 if evals else 6, 4), squeeze=False)
     ax = axes[0][0]
     keys = sorted({k for r in train for k in r if k.startswith("loss/")})
-    for key in ["thinker_loss"] + keys + (["talker_loss"] if any("talker_loss" in r for r in train) else []):
+    # Every stage's loss terms (thinker CE, talker CE, CTC, flow MSE, vocoder L1s), else the total.
+    terms = sorted({k for r in train for k in r if re.match(r"^(thinker|talker|flow|hift|tokenizer|encoder)_.*(loss|ctc|l1|mse|stft)$", k)})
+    terms = [k for k in ["thinker_loss"] if k in terms] + keys + [k for k in terms if k != "thinker_loss"]
+    for key in terms or ["loss"]:
         pts = [(r["step"], r[key]) for r in train if isinstance(r.get(key), (int, float))]
         if pts:
             steps, values = zip(*pts)
             ax.plot(steps, _smooth(list(values), 10), label=key.removeprefix("loss/"), linewidth=1.2)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (mean of 10 logged steps)")
+    ax.set_ylabel("loss (mean of 10 logged steps)")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     ax.set_title("training loss")

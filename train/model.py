@@ -56,23 +56,63 @@ def talker_config(cfg: ModelConfig):
         raise config_lib.ConfigError(f"model.talker: {e}") from None
 
 
-def model_config(cfg: ModelConfig) -> HelloChatConfig:
-    adapter = dict(cfg.adapter or {})
-    unknown = set(adapter) - {"subsample"}
-    if unknown:
-        raise config_lib.ConfigError(f"model.adapter: unknown fields {sorted(unknown)}; the adapter takes subsample")
-    thinker = MiDashengLMConfig(
-        audio_encoder=encoder_config(cfg) if cfg.encoder is not None else None,
-        text=thinker_config(cfg),
-        subsample_factor=int(adapter.get("subsample", 5)),
-        audio_token_id=cfg.audio_token_id,
-    )
-    return HelloChatConfig(thinker=thinker, talker=talker_config(cfg) if cfg.talker is not None else None)
+def part_config(cfg: ModelConfig, part: str) -> Any:
+    """The component config of one of flow, hift, speech_tokenizer, heads from its section."""
+    from hellochat_jax.components.flow.model import EstimatorConfig, FlowConfig
+    from hellochat_jax.components.flow.conformer import UpsampleEncoderConfig
+    from hellochat_jax.components.hellochat.heads import HeadsConfig
+    from hellochat_jax.components.hift.model import HiFTConfig
+    from hellochat_jax.components.s3tokenizer.model import S3TokenizerConfig
+
+    fields = dict(getattr(cfg, part))
+    common = _common(cfg)
+    try:
+        if part == "flow":
+            enc = config_lib.from_dict(UpsampleEncoderConfig, _tuples(fields.pop("encoder", {})), where="model.flow.encoder")
+            est = config_lib.from_dict(EstimatorConfig, _tuples(fields.pop("estimator", {})), where="model.flow.estimator")
+            return FlowConfig(**_tuples(fields), encoder=enc, estimator=est, **common)
+        if part == "hift":
+            return HiFTConfig(**_tuples(fields), **common)
+        if part == "speech_tokenizer":
+            return S3TokenizerConfig(**fields, **common)
+        if part == "heads":
+            return HeadsConfig(**fields)
+    except (TypeError, ValueError) as e:  # an unknown field or an inconsistent size
+        raise config_lib.ConfigError(f"model.{part}: {e}") from None
+    raise ValueError(f"unknown part {part!r}")
 
 
-def build(cfg: ModelConfig, seed: int) -> Callable[[], HelloChat]:
+def _tuples(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: (tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v) for k, v in fields.items()}
+
+
+def model_config(cfg: ModelConfig, parts: tuple[str, ...] | None = None) -> HelloChatConfig:
+    """The HelloChat config of the parts named (default: every part the config has)."""
+    wanted = lambda part: (parts is None or part in parts) and (part == "thinker" or getattr(cfg, part) is not None)
+    thinker = None
+    if wanted("thinker"):
+        adapter = dict(cfg.adapter or {})
+        unknown = set(adapter) - {"subsample"}
+        if unknown:
+            raise config_lib.ConfigError(f"model.adapter: unknown fields {sorted(unknown)}; the adapter takes subsample")
+        thinker = MiDashengLMConfig(
+            audio_encoder=encoder_config(cfg) if cfg.encoder is not None else None,
+            text=thinker_config(cfg),
+            subsample_factor=int(adapter.get("subsample", 5)),
+            audio_token_id=cfg.audio_token_id,
+        )
+    others = {p: part_config(cfg, p) for p in ("flow", "hift", "speech_tokenizer", "heads") if wanted(p)}
+    if "heads" in others:  # only the heads whose part is built
+        heads = dataclasses.replace(others["heads"], encoder_ctc=others["heads"].encoder_ctc and thinker is not None
+                                    and thinker.audio_encoder is not None,
+                                    tokenizer_ctc=others["heads"].tokenizer_ctc and "speech_tokenizer" in others)
+        others["heads"] = heads if heads.encoder_ctc or heads.tokenizer_ctc else None
+    return HelloChatConfig(thinker=thinker, talker=talker_config(cfg) if wanted("talker") else None, **others)
+
+
+def build(cfg: ModelConfig, seed: int, parts: tuple[str, ...] | None = None) -> Callable[[], HelloChat]:
     """The factory that `sharding.init_sharded` / `abstract_model` call."""
-    model_cfg = model_config(cfg)
+    model_cfg = model_config(cfg, parts)
 
     def make() -> HelloChat:
         rngs = nnx.Rngs(seed)

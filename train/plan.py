@@ -107,7 +107,7 @@ def plan(cfg: TrainConfig, devices: int) -> dict[str, Any]:
 
     ways = batch_axes_size(mesh_shape, rules)
     rows = cfg.data.batch_size  # one micro-step, global
-    objective = Objective(num_tasks=8, remat=cfg.model.remat != "none")
+    objective = Objective(tuple(f"t{i}" for i in range(8)), remat=cfg.model.remat != "none")
 
     def loss(p, rest, batch):
         # Gradients flow to the trainable params only, as in the train step.

@@ -34,7 +34,7 @@ from hellochat_jax.train import data as data_lib
 from hellochat_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from hellochat_jax.train.config import TrainConfig, validate
 from hellochat_jax.train.lora import trainable_filter
-from hellochat_jax.train.losses import Objective
+from hellochat_jax.train import stages
 from hellochat_jax.train.metrics import (
     MetricsLogger,
     compiled_flops,
@@ -66,11 +66,7 @@ def init_distributed(cfg) -> None:
 
 
 def make_data(cfg: TrainConfig) -> data_lib.TrainData:
-    if cfg.data.source == "synthetic":
-        return data_lib.SyntheticData(cfg.data, cfg.seed, jax.process_index(), jax.process_count())
-    from hellochat_jax.train.corpus import CorpusData
-
-    return CorpusData(cfg, jax.process_index(), jax.process_count())
+    return stages.get(cfg.stage).data(cfg, jax.process_index(), jax.process_count())
 
 
 def _tree_add(a, b):
@@ -86,13 +82,14 @@ class Trainer:
         mesh_shape = validate(cfg, jax.device_count(), jax.process_count())
         self.mesh = shd.make_mesh(mesh_shape)
         self.rules = shd.rules_from_config(cfg.rules)
+        self.stage = stages.get(cfg.stage)
         self.data = data if data is not None else make_data(cfg)
-        self.objective = Objective(len(self.data.task_names), remat=cfg.model.remat != "none")
+        self.objective = self.stage.objective(cfg, self.data)
         self.tx = make_optimizer(cfg)
         self.lr_schedule = schedule(cfg)
 
         m = cfg.model
-        self.factory = build(m, cfg.seed)
+        self.factory = build(m, cfg.seed, stages.parts_of(self.stage, cfg))
         self.trainable = trainable_filter(m.frozen, m.lora.groups if m.lora else [])
         abstract = shd.abstract_model(self.factory)
         self.graphdef, abs_params, abs_rest = nnx.split(abstract, self.trainable, ...)
@@ -207,6 +204,8 @@ class Trainer:
         model = self.cfg.model
         if model.encoder is None or "encoder" in model.init_from or "audio" not in self.batch_spec:
             return state
+        if self.model(state).thinker is None:
+            return state
         from hellochat_jax.components.dasheng import model as dasheng
 
         enc_cfg = self.model(state).thinker.audio_encoder.cfg
@@ -272,7 +271,7 @@ class Trainer:
             progress=cfg.log.progress,
         )
         logger.message(
-            f"{'resumed from step ' + str(start) if latest is not None else 'starting'}: "
+            f"{'resumed from step ' + str(start) if latest is not None else 'starting'} stage {cfg.stage}: "
             f"{self.num_params / 1e6:.2f}M parameters ({self.num_trainable / 1e6:.2f}M trainable), "
             f"mesh {dict(self.mesh.shape)}, {jax.process_count()} process(es), "
             f"{self.flops_per_step / 1e9:.2f} GFLOP/step (XLA), peak {peak / 1e9:.1f} GFLOP/s/device ({peak_source})"
@@ -348,7 +347,8 @@ class Trainer:
         stats = jax.device_get(metrics)
         logger.observe(stats)
         if self.cfg.log.every and (step % self.cfg.log.every == 0 or not bool(stats["finite"])):
-            logger.write(logger.train_record(step, stats, step_time=step_time, data_wait=data_wait))
+            logger.write(logger.train_record(step, stats, step_time=step_time, data_wait=data_wait,
+                                             stage_record=self.objective.record))
         if int(stats["bad_in_row"]) >= self.cfg.max_bad_steps:
             return EXIT_BAD_STEPS
         return EXIT_OK

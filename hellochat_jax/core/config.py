@@ -138,12 +138,19 @@ def shipped_config_names() -> list[str]:
     return sorted({p.stem for folder in SHIPPED_CONFIG_DIRS if folder.is_dir() for p in folder.glob("*.yaml")})
 
 
+def load_dict(path: str | Path | None) -> dict[str, Any]:
+    """A config file's mapping (yaml tags read as data: safe_load); {} for no file."""
+    if path is None:
+        return {}
+    path = resolve_path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found (shipped configs, usable by name: {', '.join(shipped_config_names()) or 'none'})")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return data
+
+
 def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = resolve_path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found (shipped configs, usable by name: {', '.join(shipped_config_names()) or 'none'})")
-        data = yaml.safe_load(path.read_text()) or {}
-    data = merge(data, parse_overrides(overrides or []))
+    data = merge(load_dict(path), parse_overrides(overrides or []))
     return from_dict(cls, data, where=str(path or "config"))

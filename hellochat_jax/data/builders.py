@@ -105,7 +105,8 @@ class HellochatSynth(tfds.core.GeneratorBasedBuilder):
     voices and accents, emotion prosody, procedural background events, captions, and each reply
     spoken by a fixed voice. Train/validation/test never share a text."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    # 1.1.0: replies spoken in the style that fits the speaker's emotion (synth.STYLE_FOR_EMOTION)
+    VERSION = tfds.core.Version("1.1.0")
     BUILDER_CONFIGS = [SYNTH_DEFAULT, SYNTH_TINY]
     url_infos = None  # nothing to download (and TFDS's lookup would need importlib_resources)
 

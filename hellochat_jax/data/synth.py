@@ -46,7 +46,7 @@ VARIANTS = {
     **{f"m{i}": "man" for i in range(1, 8)},
     **{f"f{i}": "woman" for i in range(1, 6)},
 }
-# Replies (talker training targets) are always spoken by this voice with neutral prosody.
+# Replies (talker training targets) are always spoken by this voice, in the style below.
 REPLY_VOICE = "en-us+f2"
 
 MAX_SPEECH_SECONDS = 3.6  # speech part of an utterance; the clip adds 0.1-0.3 s either side
@@ -69,6 +69,22 @@ EMOTION_PROSODY = {
     "sad": Prosody(rate=125, pitch=30, pitch_range=12, volume=65),
     "angry": Prosody(rate=205, pitch=58, pitch_range=75, volume=175),
 }
+
+
+# How the assistant answers each emotion it hears (Hello-Chat's point: calm to an angry
+# speaker, gentle to a sad one, cheerful back to a happy one). The thinker learns to write the
+# style before its reply (<style>calm</style>...), the talker to speak it from CosyVoice 2's
+# instruction text, and the reply audio of the corpus is spoken in it.
+STYLE_FOR_EMOTION = {"neutral": "neutral", "happy": "cheerful", "sad": "gentle", "angry": "calm"}
+STYLE_PROSODY = {
+    "neutral": EMOTION_PROSODY["neutral"],
+    "cheerful": EMOTION_PROSODY["happy"],
+    "gentle": EMOTION_PROSODY["sad"],
+    "calm": Prosody(rate=150, pitch=46, pitch_range=35, volume=85),
+}
+# The emotion class each style's prosody realises: what an emotion recogniser trained on this
+# corpus should hear in speech of that style (style accuracy is measured against it).
+STYLE_EMOTION = {"neutral": "neutral", "cheerful": "happy", "gentle": "sad", "calm": "neutral"}
 
 
 def jitter_prosody(p: Prosody, rng: np.random.Generator, amount: float = 0.1) -> Prosody:
@@ -479,11 +495,11 @@ def make_utterance(prompt: Prompt, seed: int, split: str, index: int) -> dict[st
     prosody = jitter_prosody(EMOTION_PROSODY[emotion], rng)
 
     espeak_seed = int(rng.integers(2**31))
-    neutral = EMOTION_PROSODY["neutral"]
     limit = int(MAX_SPEECH_SECONDS * SAMPLE_RATE)
     # One request: the utterance, the reply in the fixed voice, earlier user turns in this voice.
     context_users = [i for i, (role, _) in enumerate(prompt.context) if role == "user"]
-    utterances = [(prompt.text, voice, prosody), (prompt.reply, REPLY_VOICE, neutral)]
+    style = STYLE_FOR_EMOTION[emotion]
+    utterances = [(prompt.text, voice, prosody), (prompt.reply, REPLY_VOICE, STYLE_PROSODY[style])]
     utterances += [(prompt.context[i][1], voice, prosody) for i in context_users]
     wavs = _speak_fitting(utterances, [limit, 2 * limit] + [limit] * len(context_users), espeak_seed)
     speech, reply_audio = wavs[0], wavs[1]

@@ -21,6 +21,15 @@ ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 AUDIO_BOS, AUDIO, AUDIO_EOS = "<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, AUDIO_BOS, AUDIO, AUDIO_EOS)
 
+# The thinker writes how its reply should be spoken before the reply: <style>calm</style>Okay...
+# (the chat pipeline hands the style to the talker as CosyVoice 2's instruction text).
+STYLE_OPEN, STYLE_CLOSE = "<style>", "</style>"
+
+
+def with_style(text: str, style: str | None) -> str:
+    """An assistant reply with its style tag first (as the thinker writes it)."""
+    return f"{STYLE_OPEN}{style}{STYLE_CLOSE}{text}" if style else text
+
 # Qwen2's pre-tokenizer split (numbers one digit at a time, letters with one leading space).
 QWEN_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"

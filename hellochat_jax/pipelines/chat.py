@@ -50,11 +50,10 @@ from hellochat_jax.core import decoding
 from hellochat_jax.core import dsp as audio_io
 from hellochat_jax.core import sharding as shd
 from hellochat_jax.core.errors import UserError
+from hellochat_jax.data.tokenizer import STYLE_CLOSE, STYLE_OPEN, with_style
 from hellochat_jax.pipelines.thinker import DEFAULT_SYSTEM, MiDashengLMProcessor
 
-STYLE_OPEN, STYLE_CLOSE = "<style>", "</style>"
 MAX_STYLE_CHARS = 200
-END_OF_PROMPT = "<|endofprompt|>"
 CONVERSATION_FILE = "conversation.json"
 CONVERSATION_FORMAT = 1
 AUDIO_BUCKET = audio_io.SAMPLE_RATE  # clips pad to whole seconds: one encoder compile per second of length
@@ -90,9 +89,6 @@ def split_style(text: str, final: bool = True) -> tuple[str | None, str, bool]:
     return None, text, True
 
 
-def with_style(text: str, style: str | None) -> str:
-    """An assistant turn as the thinker wrote it (tag first), for the next prompt."""
-    return f"{STYLE_OPEN}{style}{STYLE_CLOSE}{text}" if style else text
 
 
 # ----------------------------------------------------------------------------- conversations
@@ -243,8 +239,7 @@ class _Speaker:
         talker, voice = self.pipeline.talker, self.pipeline.voice
         if self.reply.style:
             # CosyVoice 2 instruct: the instruction replaces the voice prompt in the LM.
-            eop = talker.tokenizer.convert_tokens_to_ids(END_OF_PROMPT)
-            prompt_text, prompt_speech = talker.encode_text(self.reply.style, "style instruction") + [int(eop)], []
+            prompt_text, prompt_speech = talker.instruct_text(self.reply.style), []
         elif voice is not None:
             prompt_text, prompt_speech = voice.text_tokens, voice.speech_tokens.tolist()
         else:

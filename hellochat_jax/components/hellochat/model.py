@@ -25,6 +25,7 @@ PARTS: dict[str, str] = {
     "talker": "cosyvoice2-llm",
     "flow": "cosyvoice2-flow",
     "hift": "cosyvoice2-hift",
+    "speech_tokenizer": "s3tokenizer-v2",
 }
 
 # Parameter groups (the names freezing, LoRA and `init_from` use in training configs) -> the
@@ -37,6 +38,8 @@ PARAM_GROUPS: dict[str, tuple[str, ...]] = {
     "talker": ("talker",),
     "flow": ("flow",),
     "hift": ("hift",),
+    "speech_tokenizer": ("speech_tokenizer",),
+    "heads": ("heads",),
 }
 
 
@@ -51,42 +54,54 @@ def group_of(path: tuple) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class HelloChatConfig:
-    thinker: MiDashengLMConfig = MiDashengLMConfig()
+    thinker: MiDashengLMConfig | None = MiDashengLMConfig()
     talker: Any = None  # SpeechTokenLMConfig | None
     flow: Any = None  # FlowConfig | None
     hift: Any = None  # HiFTConfig | None
+    speech_tokenizer: Any = None  # S3TokenizerConfig | None
+    heads: Any = None  # HeadsConfig | None (training only: export leaves them out)
 
     @property
     def parts(self) -> list[str]:
-        """The parts present, in PARTS order."""
-        return [p for p in PARTS if getattr(self, p) is not None]
+        """The parts present, in PARTS order (heads last)."""
+        return [p for p in (*PARTS, "heads") if getattr(self, p) is not None]
 
     def to_dict(self) -> dict[str, Any]:
         from hellochat_jax.checkpoint.load import config_to_dict
 
-        return {p: (config_to_dict(getattr(self, p)) if getattr(self, p) is not None else None) for p in PARTS}
+        out = {p: (config_to_dict(getattr(self, p)) if getattr(self, p) is not None else None) for p in PARTS}
+        if self.heads is not None:
+            out["heads"] = dataclasses.asdict(self.heads)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HelloChatConfig:
         """From `to_dict` output (a model folder's hellochat.json); each part by its component's rules."""
         from hellochat_jax.checkpoint.load import config_from_dict
 
-        unknown = set(data) - set(PARTS)
+        from hellochat_jax.components.hellochat.heads import HeadsConfig
+
+        unknown = set(data) - set(PARTS) - {"heads"}
         if unknown:
             raise ValueError(f"hellochat config: unknown parts {sorted(unknown)}; the parts are {list(PARTS)}")
-        if data.get("thinker") is None:
-            raise ValueError("hellochat config: the thinker part is required")
-        return cls(**{p: config_from_dict(PARTS[p], data[p]) for p in PARTS if data.get(p) is not None})
+        if not any(data.get(p) is not None for p in PARTS):
+            raise ValueError("hellochat config: no parts")
+        parts = {p: config_from_dict(PARTS[p], data[p]) for p in PARTS if data.get(p) is not None}
+        if data.get("heads") is not None:
+            parts["heads"] = HeadsConfig(**data["heads"])
+        return cls(**{"thinker": None, **parts})
 
 
 class HelloChat(nnx.Module):
     def __init__(self, cfg: HelloChatConfig, *, rngs: nnx.Rngs):
         from hellochat_jax import components
 
+        from hellochat_jax.components.hellochat.heads import TrainingHeads
+
         self.cfg = cfg
-        self.thinker = MiDashengLM(cfg.thinker, rngs=rngs)
+        self.thinker = MiDashengLM(cfg.thinker, rngs=rngs) if cfg.thinker is not None else None
         built = {}
-        for part in ("talker", "flow", "hift"):
+        for part in ("talker", "flow", "hift", "speech_tokenizer"):
             part_cfg = getattr(cfg, part)
             built[part] = None
             if part_cfg is not None:
@@ -94,3 +109,5 @@ class HelloChat(nnx.Module):
                 built[part] = module_cls(part_cfg, rngs=rngs)
         # Absent parts stay None (static attributes): no variables, no path.
         self.talker, self.flow, self.hift = built["talker"], built["flow"], built["hift"]
+        self.speech_tokenizer = built["speech_tokenizer"]
+        self.heads = TrainingHeads(cfg.heads, cfg, rngs=rngs) if cfg.heads is not None else None

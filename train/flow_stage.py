@@ -1,0 +1,115 @@
+"""The flow stage: CosyVoice 2's flow decoder (25 Hz speech tokens -> 50 Hz mel) trained from
+scratch with the conditional flow-matching loss (components/flow/model.py
+`flow_matching_loss`: the reference's draws of t, noise, CFG dropout, a random prompt-mel
+prefix as condition, chunk-causal masks half the time).
+
+A row is a random window of `max_tokens` speech tokens of a corpus reply and the mel frames
+they cover (2 per token), computed with the vocoder's mel settings (hift/model.py
+`flow_mel_settings`, so the flow's output is what the vocoder reads). The corpus replies have
+one voice, so the speaker embedding is the all-zero x-vector the talker uses without a voice
+prompt; a prompt voice still conditions the flow through its prompt mel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hellochat_jax.train import stages
+from hellochat_jax.train.stages import Stage, pad_to, pcm, text
+
+
+@dataclasses.dataclass
+class FlowOptions:
+    max_tokens: int = 100  # window of speech tokens per row (4 s at 25 Hz)
+
+
+class FlowData:
+    task_names = ("flow",)
+
+    def __init__(self, cfg, process_index: int = 0, process_count: int = 1):
+        from hellochat_jax.components.hift.model import flow_mel_settings
+        from hellochat_jax.train.model import part_config
+        from hellochat_jax.train.talker_stage import reply_tokens_source
+
+        self.cfg = cfg
+        self.opts = stages.options(cfg, STAGE) or FlowOptions()
+        self.flow = part_config(cfg.model, "flow")
+        stages.require(cfg.model.hift is not None, "the flow stage needs model.hift: its mel settings are the flow's targets")
+        self.mel = flow_mel_settings(part_config(cfg.model, "hift"))
+        stages.require(self.mel["n_mels"] == self.flow.output_size,
+                       f"model.flow.output_size {self.flow.output_size} != the vocoder's {self.mel['n_mels']} mel bins")
+        self.process = (process_index, process_count)
+        self.rows = cfg.data.batch_size // process_count
+        self.tokens = reply_tokens_source(cfg, "train")
+
+    def row(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray] | None:
+        from hellochat_jax.components.hift.model import log_mel
+
+        rid = text(record["id"])
+        if rid not in self.tokens:
+            return None
+        tokens = np.asarray(self.tokens[rid][1], np.int32)
+        wav = pcm(record["reply_audio"])
+        ratio = self.flow.token_mel_ratio
+        if tokens.size < 4 or wav.size <= self.mel["n_fft"]:
+            return None
+        # The 16 kHz tokens and this rate's mel both cover the clip: 2 mel frames per token.
+        if self.mel["rate"] != 16000:
+            from hellochat_jax.core import dsp
+
+            wav = np.asarray(dsp.resample(wav, 16000, self.mel["rate"]))
+        mel = np.asarray(log_mel(wav, **self.mel))
+        n = min(tokens.size, mel.shape[0] // ratio)
+        start = int(rng.integers(0, max(n - self.opts.max_tokens, 0) + 1))
+        window = min(self.opts.max_tokens, n)
+        tokens = tokens[start : start + window]
+        mel = mel[start * ratio : (start + window) * ratio]
+        return {
+            "token": pad_to(tokens, self.opts.max_tokens), "token_len": np.int32(window),
+            "feat": pad_to(mel.astype(np.float32), self.opts.max_tokens * ratio),
+        }
+
+    def iterator(self):
+        return stages.corpus_records(self.cfg, self.row, *self.process)
+
+    def local_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+        t = self.opts.max_tokens
+        return {
+            "token": jax.ShapeDtypeStruct((self.rows, t), np.dtype(np.int32)),
+            "token_len": jax.ShapeDtypeStruct((self.rows,), np.dtype(np.int32)),
+            "feat": jax.ShapeDtypeStruct((self.rows, t * self.flow.token_mel_ratio, self.flow.output_size), np.dtype(np.float32)),
+        }
+
+
+class FlowObjective:
+    """flow_matching_loss is a mean over the micro-batch's valid frames and bins; here it is
+    turned back into a sum over them divided by the step's count, so accumulation is exact."""
+
+    def __init__(self, cfg, data):
+        self.ratio = data.flow.token_mel_ratio
+        self.bins = data.flow.output_size
+
+    def normalizers(self, batch):
+        return {"frames": jnp.maximum(jnp.sum(batch["token_len"]).astype(jnp.float32) * self.ratio * self.bins, 1.0)}
+
+    def __call__(self, model, micro, key, norms):
+        from hellochat_jax.components.flow.model import flow_matching_loss
+
+        flow = model.flow
+        embedding = jnp.zeros((micro["token"].shape[0], flow.cfg.spk_embed_dim), jnp.float32)
+        mean, aux = flow_matching_loss(flow, micro["token"], micro["token_len"], micro["feat"], embedding, key=key)
+        count = jnp.sum(aux["mask"]) * self.bins
+        total = mean * count
+        stats = {"flow_mse_sum": total, "flow_count": count, "input_tokens": jnp.sum(micro["token_len"]).astype(jnp.float32)}
+        return total / norms["frames"], stats
+
+    def record(self, stats) -> dict[str, float]:
+        return {"flow_mse": float(stats["flow_mse_sum"]) / max(float(stats["flow_count"]), 1.0)}
+
+
+STAGE = Stage("flow", ("flow",), FlowData, FlowObjective, FlowOptions)

@@ -1,0 +1,49 @@
+"""The thinker stage: the interleaved chat corpus (train/corpus.py) or the synthetic token task
+(train/data.py), next-token cross-entropy on assistant tokens (train/losses.py), plus an
+optional auxiliary CTC loss on the audio encoder (`options.encoder_ctc_weight` with a
+`model.heads: {encoder_ctc: true}` section and `data.corpus.ctc_label_len`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from hellochat_jax.train.stages import Stage, require
+
+
+@dataclasses.dataclass
+class ThinkerOptions:
+    encoder_ctc_weight: float = 0.0  # weight of the encoder's CTC loss (0: off)
+    talker_weight: float = 1.0  # weight of a jointly trained talker's speech CE (a `tts` mixture)
+
+
+def make_data(cfg, process_index: int = 0, process_count: int = 1):
+    from hellochat_jax.train import data as data_lib
+
+    if cfg.data.source == "synthetic":
+        return data_lib.SyntheticData(cfg.data, cfg.seed, process_index, process_count)
+    from hellochat_jax.train.corpus import CorpusData
+
+    return CorpusData(cfg, process_index, process_count)
+
+
+def make_objective(cfg, data):
+    from hellochat_jax.train.losses import Objective
+    from hellochat_jax.train.stages import options
+
+    opts = options(cfg, STAGE) or ThinkerOptions()
+    if opts.encoder_ctc_weight:
+        heads = cfg.model.heads or {}
+        require(bool(heads.get("encoder_ctc")), "options.encoder_ctc_weight needs model.heads.encoder_ctc: true")
+        require(bool(cfg.data.corpus.get("ctc_label_len")), "options.encoder_ctc_weight needs data.corpus.ctc_label_len > 0")
+    return Objective(data.task_names, talker_weight=opts.talker_weight, remat=cfg.model.remat != "none",
+                     encoder_ctc_weight=opts.encoder_ctc_weight)
+
+
+def parts(cfg) -> tuple[str, ...]:
+    """The thinker (+ its encoder's CTC head), and the talker too when the config gives it no
+    stage of its own (`stages.talker`): then both train together (a `tts` corpus mixture)."""
+    joint = cfg.model.talker is not None and "talker" not in cfg.stages
+    return ("thinker", "heads") + (("talker",) if joint else ())
+
+
+STAGE = Stage("thinker", parts, make_data, make_objective, ThinkerOptions)
