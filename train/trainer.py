@@ -263,6 +263,11 @@ class Trainer:
         else:
             state = self.init_state()
         start = int(jax.device_get(state["step"]))
+        if latest is not None and start >= cfg.steps:
+            ckpt.close()
+            print(f"stage {cfg.stage}: already trained ({start} of {cfg.steps} steps in {ckpt.directory}); nothing to do")
+            self.final_state = state
+            return EXIT_OK
 
         peak, peak_source = peak_flops_per_device(cfg.log.peak_flops)
         logger = MetricsLogger(

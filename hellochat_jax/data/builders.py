@@ -371,6 +371,11 @@ def dataset_dir(dataset: str, data_dir: str | None = None) -> Path:
     return candidates[0]
 
 
+def text_field(x) -> str:
+    """A stored string feature (bytes) as text."""
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
 def open_source(dataset: str, split: str, data_dir: str | None = None):
     """A random-access source (len, [i] -> feature dict of numpy arrays / bytes)."""
     builder = tfds.builder_from_directory(str(dataset_dir(dataset, data_dir)))

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hellochat_jax.components.hift.model import flow_mel_settings, log_mel
 from hellochat_jax.components.speech_lm import model as slm
 from hellochat_jax.core import dsp
 from hellochat_jax.core import sharding as shd
@@ -69,6 +70,7 @@ TOKEN_HOP, TOKEN_MAX_HOP, HOP_SCALE = 25, 100, 2
 # whose first frames every call uses, so a growing prefix keeps its frames and every call
 # passes the same shape.
 NOISE_FRAMES = 15000
+END_OF_PROMPT = "<|endofprompt|>"  # ends a CosyVoice 2 instruction (the LM prompt text of instruct mode)
 
 
 class TalkerError(UserError):
@@ -92,14 +94,10 @@ def check_prompt_audio(wav: np.ndarray, rate: int, where: str = "prompt audio") 
 
 
 def flow_mel(wav: np.ndarray, rate: int = 24000, *, n_fft: int = 1920, hop: int = 480, n_mels: int = 80, fmin: float = 0.0, fmax: float = 8000.0) -> np.ndarray:
-    """The flow's mel features [frames, n_mels] of mono audio [samples] at `rate`
-    (matcha.utils.audio.mel_spectrogram with the release's settings): reflect-pad
-    (n_fft - hop) / 2, periodic Hann STFT without centring, magnitude sqrt(re^2 + im^2 + 1e-9),
-    Slaney mel filters, log(max(x, 1e-5)). Needs more than (n_fft - hop) / 2 samples."""
-    spectrum = dsp.stft(wav, n_fft, hop, dsp.hann_window(n_fft), pad=(n_fft - hop) // 2)
-    magnitude = jnp.sqrt(dsp.power_spectrum(spectrum) + 1e-9)
-    mel = dsp.apply_filterbank(magnitude, dsp.slaney_mel_filterbank(rate, n_fft, n_mels, fmin, fmax))
-    return np.asarray(jnp.log(jnp.maximum(mel, 1e-5)))
+    """The flow's mel features [frames, n_mels] of mono audio [samples] at `rate` (`hift.model.log_mel`;
+    the defaults are the 24 kHz release's, `flow_mel_settings(vocoder cfg)` gives any vocoder's).
+    Needs more than (n_fft - hop) / 2 samples."""
+    return np.asarray(log_mel(wav, rate=rate, n_fft=n_fft, hop=hop, n_mels=n_mels, fmin=fmin, fmax=fmax))
 
 
 def kaldi_fbank(wav16: np.ndarray) -> np.ndarray:
@@ -278,6 +276,13 @@ class Talker:
             raise TalkerError(f"{what} {text!r} encodes to no tokens")
         return ids
 
+    def instruct_text(self, instruction: str) -> list[int]:
+        """The speech LM's prompt text in CosyVoice 2 instruct mode (inference_instruct2):
+        ``instruction<|endofprompt|>``; it takes the place of a voice prompt in the LM (no
+        prompt speech), while a voice prompt still conditions the flow."""
+        eop = self.tokenizer.convert_tokens_to_ids(END_OF_PROMPT)
+        return self.encode_text(instruction, "style instruction") + [int(eop)]
+
     # -- voice prompt
 
     def make_prompt(self, wav: str | os.PathLike | np.ndarray, prompt_text: str | None, sample_rate: int | None = None) -> VoicePrompt:
@@ -300,10 +305,10 @@ class Talker:
         check_prompt_audio(samples, sample_rate, where)
         text_tokens = self.encode_text(prompt_text, "prompt text")
         wav16 = dsp.resample(samples, sample_rate, s3.SAMPLE_RATE)
-        wav24 = dsp.resample(samples, sample_rate, self.sample_rate)
+        wav_out = dsp.resample(samples, sample_rate, self.sample_rate)  # the vocoder's rate
         tokens, lengths = s3.tokenize(self.s3tokenizer, wav16[None], mesh=self.mesh)
         tokens = np.asarray(tokens[0, : lengths[0]], np.int32)
-        mel = flow_mel(wav24, self.sample_rate)
+        mel = flow_mel(wav_out, **flow_mel_settings(self.hift.cfg))
         n = min(mel.shape[0] // 2, len(tokens))  # CosyVoice 2: 2 mel frames per token
         if n == 0:
             raise dsp.AudioError(f"{where}: too short to give one speech token")
@@ -329,11 +334,18 @@ class Talker:
 
     # -- stages
 
-    def speech_decoder(self, texts: Sequence[list[int]], prompt: VoicePrompt | None, key: jax.Array, sampling: SamplingMethod | None) -> slm.SpeechDecoder:
+    def speech_decoder(self, texts: Sequence[list[int]], prompt: VoicePrompt | None, key: jax.Array, sampling: SamplingMethod | None,
+                       instructions: Sequence[str | None] | None = None, max_ratio: float = 20.0) -> slm.SpeechDecoder:
+        """`instructions` (one per text, None = none): rows with one speak in instruct mode
+        (`instruct_text`) instead of with the voice prompt's text and speech tokens. A row stops
+        after `max_ratio` speech tokens per text token (CosyVoice 2: 20)."""
         n = len(texts)
-        pt = [prompt.text_tokens if prompt else []] * n
-        ps = [prompt.speech_tokens.tolist() if prompt else []] * n
-        return slm.SpeechDecoder.start(self.llm, texts, pt, ps, key=key, sampling=sampling, mesh=self.mesh)
+        instructions = [None] * n if instructions is None else list(instructions)
+        if len(instructions) != n:
+            raise TalkerError(f"{n} texts but {len(instructions)} instructions")
+        pt = [self.instruct_text(s) if s else (prompt.text_tokens if prompt else []) for s in instructions]
+        ps = [[] if s else (prompt.speech_tokens.tolist() if prompt else []) for s in instructions]
+        return slm.SpeechDecoder.start(self.llm, texts, pt, ps, key=key, sampling=sampling, max_ratio=max_ratio, mesh=self.mesh)
 
     def _flow_inputs(self, batch: int, prompt: VoicePrompt | None):
         d = self.flow.cfg.spk_embed_dim
@@ -386,8 +398,11 @@ class Talker:
     # -- speaking
 
     def speak(self, texts: str | Sequence[str], prompt_wav=None, prompt_text: str | None = None, *, key: jax.Array | None = None,
-              sampling: SamplingMethod | None = None, prompt_sample_rate: int | None = None) -> list[np.ndarray]:
-        """Speech (float32, sample_rate Hz) for each text, all in one batch."""
+              sampling: SamplingMethod | None = None, prompt_sample_rate: int | None = None,
+              instructions: Sequence[str | None] | None = None, max_ratio: float = 20.0) -> list[np.ndarray]:
+        """Speech (float32, sample_rate Hz) for each text, all in one batch; `instructions`
+        (one per text, None = none) says how to speak it (CosyVoice 2 instruct, see `instruct_text`);
+        at most `max_ratio` speech tokens per text token."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise TalkerError("no texts to speak")
@@ -396,7 +411,7 @@ class Talker:
         self._check_prompt(prompt)
         key = jax.random.key(0) if key is None else key
         k_lm, k_noise, k_voc = jax.random.split(key, 3)
-        dec = self.speech_decoder(ids, prompt, k_lm, sampling).advance()
+        dec = self.speech_decoder(ids, prompt, k_lm, sampling, instructions, max_ratio).advance()
         toks, lens = dec.result()
         tokens = [toks[i, : lens[i]].tolist() for i in range(len(ids))]
         if max(lens) == 0:

@@ -201,6 +201,31 @@ _GENERATOR_DEFAULTS: dict[str, Any] = {
 }
 
 
+# ----------------------------------------------------------------------------- mel features
+
+
+def flow_mel_settings(cfg: HiFTConfig) -> dict[str, Any]:
+    """The mel features a vocoder of this config reads (the flow's output and prompt mel, and
+    the vocoder's training input) at any sample rate: one frame per `samples_per_frame`, a
+    window of 4 frames, `in_channels` Slaney bins over 0 to min(8 kHz, Nyquist). At 24 kHz this is
+    CosyVoice 2's feat_extractor: rate 24000, n_fft 1920, hop 480, 80 mels, fmin 0, fmax 8000.
+    The keys are `log_mel`'s (and `pipelines.talker.flow_mel`'s) keyword arguments."""
+    hop = cfg.samples_per_frame
+    return dict(rate=cfg.sampling_rate, n_fft=4 * hop, hop=hop, n_mels=cfg.in_channels, fmin=0.0, fmax=min(8000.0, cfg.sampling_rate / 2))
+
+
+def log_mel(wav: Any, *, rate: int, n_fft: int, hop: int, n_mels: int, fmin: float, fmax: float) -> jax.Array:
+    """The flow's mel features [..., frames, n_mels] of audio [..., samples] at `rate`
+    (matcha.utils.audio.mel_spectrogram, center=False): reflect-pad (n_fft - hop) / 2 at both
+    ends, periodic Hann STFT, magnitude sqrt(re^2 + im^2 + 1e-9), Slaney mel filters,
+    log(max(x, 1e-5)). samples // hop frames; needs more than (n_fft - hop) / 2 samples.
+    Traceable (the vocoder's mel loss runs it under jit)."""
+    spectrum = dsp.stft(wav, n_fft, hop, dsp.hann_window(n_fft), pad=(n_fft - hop) // 2)
+    magnitude = jnp.sqrt(dsp.power_spectrum(spectrum) + 1e-9)
+    mel = dsp.apply_filterbank(magnitude, dsp.slaney_mel_filterbank(rate, n_fft, n_mels, fmin, fmax))
+    return jnp.log(jnp.maximum(mel, 1e-5))
+
+
 # ----------------------------------------------------------------------------- layers
 
 
@@ -249,7 +274,13 @@ def standard_normal(key: jax.Array, shape: Sequence[int]) -> jax.Array:
     return jnp.concatenate([radius * cos, radius * sin])[:n].reshape(tuple(shape))
 
 
-def _init_direction(rngs: nnx.Rngs, shape: Sequence[int], dtype) -> jax.Array:
+def _init_direction(rngs: nnx.Rngs, shape: Sequence[int], dtype, torch_default: bool = False) -> jax.Array:
+    if torch_default:
+        # torch's Conv1d default, U(+-1/sqrt(fan_in)): the reference applies init_weights to the
+        # upsampling and resblock convs only, so conv_pre and the F0 predictor keep this one
+        # (with N(0, 0.01) there a from-scratch F0 predictor learns several times slower).
+        bound = 1.0 / math.sqrt(shape[0] * shape[1])
+        return jax.random.uniform(rngs.params(), tuple(shape), dtype, -bound, bound)
     # cosyvoice.utils.common.init_weights: N(0, 0.01)
     return 0.01 * jax.random.normal(rngs.params(), tuple(shape), dtype)
 
@@ -287,8 +318,9 @@ class WeightNormConv1d(nnx.Module):
     """torch `weight_norm(Conv1d)` (dim=0): the kernel is W = g * v / ||v||, with ||v|| the L2 norm
     over everything but the output channel. g [out] and v [taps, in, out] are the parameters."""
 
-    def __init__(self, cin: int, cout: int, taps: int, *, dilation: int = 1, padding: int = 0, dtype: Any, param_dtype: Any, precision: Any, rngs: nnx.Rngs):
-        v = _init_direction(rngs, (taps, cin, cout), param_dtype)
+    def __init__(self, cin: int, cout: int, taps: int, *, dilation: int = 1, padding: int = 0, dtype: Any, param_dtype: Any, precision: Any, rngs: nnx.Rngs,
+                 torch_default_init: bool = False):
+        v = _init_direction(rngs, (taps, cin, cout), param_dtype, torch_default_init)
         self.g = nnx.Param(_direction_norm(v, (0, 1)).reshape(cout), out_sharding=OUT_CHANNELS)
         self.v = nnx.Param(v, out_sharding=KERNEL)
         self.bias = nnx.Param(jnp.zeros((cout,), param_dtype), out_sharding=OUT_CHANNELS)
@@ -372,7 +404,7 @@ class F0Predictor(nnx.Module):
     def __init__(self, cfg: HiFTConfig, *, rngs: nnx.Rngs):
         conv = dict(param_dtype=as_dtype(cfg.param_dtype), dtype=jnp.float32, precision=jax.lax.Precision.HIGHEST, rngs=rngs)
         widths = [cfg.in_channels] + [cfg.f0_cond_channels] * 5
-        self.convs = nnx.List([WeightNormConv1d(cin, cout, 3, padding=1, **conv) for cin, cout in zip(widths[:-1], widths[1:])])
+        self.convs = nnx.List([WeightNormConv1d(cin, cout, 3, padding=1, torch_default_init=True, **conv) for cin, cout in zip(widths[:-1], widths[1:])])
         self.classifier = Linear(cfg.f0_cond_channels, 1, names=("audio_embed", None), param_dtype=as_dtype(cfg.param_dtype), precision="highest", rngs=rngs)
 
     def __call__(self, mel: jax.Array) -> jax.Array:
@@ -455,7 +487,7 @@ class HiFTVocoder(nnx.Module):
         conv = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
         self.f0_predictor = F0Predictor(cfg, rngs=rngs)
         self.m_source = HarmonicSource(cfg, rngs=rngs)
-        self.conv_pre = WeightNormConv1d(cfg.in_channels, cfg.base_channels, 7, padding=3, **conv)
+        self.conv_pre = WeightNormConv1d(cfg.in_channels, cfg.base_channels, 7, padding=3, torch_default_init=True, **conv)
         self.ups = nnx.List([
             WeightNormConvTranspose1d(cfg.base_channels // 2**i, cfg.stage_channels(i), k, u, padding=(k - u) // 2, **conv)
             for i, (u, k) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernel_sizes))
