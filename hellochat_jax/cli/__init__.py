@@ -19,7 +19,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "speak": ("hellochat_jax.cli.speak", "text to speech with the talker"),
     "chat": ("hellochat_jax.cli.chat", "speech in, speech out with a Hello-Chat model folder"),
     "serve": ("hellochat_jax.cli.serve", "a local Gradio app for chatting with a model folder"),
-    "data": ("hellochat_jax.cli.data", "build datasets (synthetic corpus, manifest)"),
+    "eval": ("hellochat_jax.cli.eval", "held-out metrics of a model folder (understanding, TTS)"),
+    "data": ("hellochat_jax.cli.data", "build datasets (synthetic corpus, manifest), fill their speech tokens"),
     "train": ("hellochat_jax.train.cli", "train from a config"),
     "export": ("hellochat_jax.train.export", "turn a training run's checkpoint into a model folder"),
 }

@@ -1,5 +1,7 @@
 """`hellochat data build synth [--size N]`, `hellochat data build manifest --manifest m.jsonl` and
-`hellochat data clip --split test --index 0 --out clip.wav` (one record as a WAV, with its labels).
+`hellochat data clip --split test --index 0 --out clip.wav` (one record as a WAV, with its labels)
+and `hellochat data tokens --model DIR` (the speech tokens of every record, from the model's
+speech tokenizer, into a cache beside the dataset: hellochat_jax/data/speech_tokens.py).
 
 Each build writes TFDS ArrayRecord files plus a `tokenizer/` folder (a byte-level BPE trained on
 the dataset's text, with the Qwen chat special tokens) next to them, and prints where they went.
@@ -37,8 +39,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--dataset", default="hellochat_synth", help="\"name[/config]\" under the data dir, or a built dataset folder")
     c.add_argument("--data_dir", default=None, help="default: $TFDS_DATA_DIR or ~/tensorflow_datasets")
     c.add_argument("--split", default="test")
-    c.add_argument("--index", type=int, default=0)
+    c.add_argument("--index", type=int, default=0, help="record index (among those of --kind, if given)")
+    c.add_argument("--kind", default=None, help="only records of this kind (question, statement, request, dialogue)")
     c.add_argument("--out", required=True, help="WAV file to write (16 kHz mono)")
+
+    t = sub.add_parser("tokens", help="fill a dataset's speech tokens with a model folder's speech tokenizer")
+    t.add_argument("--model", required=True, help="model folder with a speech_tokenizer part")
+    t.add_argument("--dataset", default="hellochat_synth", help="\"name[/config]\" under the data dir, or a built dataset folder")
+    t.add_argument("--data_dir", default=None, help="default: $TFDS_DATA_DIR or ~/tensorflow_datasets")
+    t.add_argument("--splits", default="train,validation,test", help="comma-separated splits")
+    t.add_argument("--batch_size", type=int, default=32, help="clips per tokenizer call")
 
 
 def _report(builder, tokenizer_dir: Path) -> None:
@@ -83,8 +93,11 @@ def _mode(overwrite: bool):
 
 def _instructions() -> list[str]:
     from hellochat_jax.data.pipeline import INSTRUCTIONS
+    from hellochat_jax.data.synth import STYLE_FOR_EMOTION
+    from hellochat_jax.data.tokenizer import with_style
 
-    return [i for options in INSTRUCTIONS.values() for i in options]
+    # the style tags the thinker writes, so they become a few tokens each
+    return [i for options in INSTRUCTIONS.values() for i in options] + [with_style("", s) for s in STYLE_FOR_EMOTION.values()]
 
 
 def build_synth(config, data_dir: str | None = None, *, workers: int | None = None,
@@ -117,8 +130,9 @@ def build_manifest(manifest: str | Path, data_dir: str | None = None, *, name: s
     return builder
 
 
-def write_clip(dataset: str, split: str, index: int, out: str | Path, data_dir: str | None = None):
-    """Writes record `index` of `split` as a 16 kHz WAV; returns the decoded record (its labels)."""
+def write_clip(dataset: str, split: str, index: int, out: str | Path, data_dir: str | None = None, kind: str | None = None):
+    """Writes record `index` of `split` (the index-th of `kind`, if given) as a 16 kHz WAV;
+    returns the decoded record (its labels)."""
     import soundfile as sf
 
     from hellochat_jax.core.errors import UserError
@@ -128,6 +142,11 @@ def write_clip(dataset: str, split: str, index: int, out: str | Path, data_dir: 
         source = builders.open_source(dataset, split, data_dir)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if kind is not None:
+        matching = [i for i in range(len(source)) if builders.text_field(source[i]["kind"]) == kind]
+        if not 0 <= index < len(matching):
+            raise UserError(f"--index {index}: the {split} split has {len(matching)} records of kind {kind!r}")
+        index = matching[index]
     if not 0 <= index < len(source):
         raise UserError(f"--index {index}: the {split} split has {len(source)} records")
     example = pipeline.decode(source[index])
@@ -141,11 +160,21 @@ def main(args: argparse.Namespace) -> int:
     from hellochat_jax.data import builders
 
     if args.data_command == "clip":
-        ex = write_clip(args.dataset, args.split, args.index, args.out, args.data_dir)
-        print(f"wrote {args.out}: {args.split} record {args.index} ({len(ex.audio) / 16000:.2f} s)")
+        ex = write_clip(args.dataset, args.split, args.index, args.out, args.data_dir, args.kind)
+        print(f"wrote {args.out}: {args.split} record {ex.id} ({len(ex.audio) / 16000:.2f} s)")
         print(f"  transcript: {ex.transcript}\n  emotion:    {ex.emotion}\n  events:     {', '.join(ex.events)}")
+        print(f"  reply:      {ex.reply}")
         return 0
     start = time.time()
+    if args.data_command == "tokens":
+        from hellochat_jax.data import speech_tokens
+
+        splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+        result = speech_tokens.build_from_folder(args.model, args.dataset, args.data_dir, splits, batch_size=args.batch_size)
+        for split in splits:
+            print(f"  {split:<12} {'cached' if split in result.cached else 'tokenized'}")
+        print(f"speech tokens {result.hash} in {result.root} (current); done in {time.time() - start:.1f} s")
+        return 0
     if args.kind == "synth":
         if args.tiny:
             config = builders.SYNTH_TINY

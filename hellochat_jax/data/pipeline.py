@@ -3,7 +3,8 @@
     tfds data source (records; unreadable ones become `Skipped`)
       -> this process's part: records [process_index::process_count]
       -> seeded global shuffle, reshuffled every epoch -> repeat
-      -> decode (int16 PCM -> float32, labels, context turns; invalid records become `Skipped`)
+      -> decode (int16 PCM -> float32, labels, context turns, speech tokens from the dataset's
+         sidecar cache (speech_tokens.py); invalid records become `Skipped`)
       -> task sampling from the mixture, modality interleaving, chat template + loss masks
       -> skip `Skipped` elements, counting them into the next sample
       -> first-fit packing into rows of fixed shape -> batch (the last one padded) -> finalize
@@ -63,6 +64,7 @@ import dataclasses
 import functools
 import json
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +74,9 @@ import numpy as np
 from hellochat_jax.core.dsp import (
     num_audio_tokens,  # the placeholder count, shared with the model
 )
-from hellochat_jax.data import builders
-from hellochat_jax.data.tokenizer import AudioPart, ChatTokens, Message, load_tokenizer
+from hellochat_jax.data import builders, speech_tokens
+from hellochat_jax.data.synth import STYLE_FOR_EMOTION
+from hellochat_jax.data.tokenizer import AudioPart, ChatTokens, Message, load_tokenizer, with_style
 
 SAMPLE_RATE = 16000
 TASKS = ("asr", "emotion", "events", "caption", "qa", "tts")
@@ -124,6 +127,11 @@ class DataConfig:
     speech_text_len: int = 64
     speech_token_len: int = 256  # 25 Hz speech tokens: ~10 s
     max_speech_seconds: float = 8.0
+    # > 0: each clip also carries the text tokens of what is said in it (its transcript), for
+    # an auxiliary CTC loss on the audio encoder; 0 = off
+    ctc_label_len: int = 0
+    # spoken replies start with the style that fits the speaker's emotion (synth.STYLE_FOR_EMOTION)
+    reply_style: bool = True
     read_threads: int = 2  # threads per process for the per-record stages (decode, tokenize)
     workers: int = 0  # prefetch processes; 0 = everything in the calling process
     worker_buffer_size: int = 2
@@ -160,6 +168,9 @@ def batch_shapes(cfg: DataConfig) -> dict[str, tuple[tuple[int, ...], type]]:
     shapes["audio"] = ((B, A, cfg.max_audio_samples), np.float32)
     shapes["audio_lengths"] = ((B, A), np.int32)
     shapes.update({name: ((B,), np.int32) for name in COUNTERS})
+    if cfg.ctc_label_len:
+        shapes["ctc_labels"] = ((B, A, cfg.ctc_label_len), np.int32)
+        shapes["ctc_label_lengths"] = ((B, A), np.int32)
     if cfg.talker:
         shapes["speech_text"] = ((B, cfg.speech_text_len), np.int32)
         shapes["speech_tokens"] = ((B, cfg.speech_token_len), np.int32)
@@ -236,8 +247,10 @@ def _pcm16(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round(x * 32768.0), -32768, 32767).astype(np.int16)
 
 
-def decode(record: Any) -> Example | Skipped:
-    """A stored record -> `Example`; anything malformed -> `Skipped`."""
+def decode(record: Any, sidecar: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Example | Skipped:
+    """A stored record -> `Example`; anything malformed -> `Skipped`. `sidecar` (record id ->
+    (tokens, reply tokens), as `speech_tokens.load` gives it) replaces the record's stored
+    speech tokens."""
     if isinstance(record, Skipped):
         return record
     try:
@@ -260,8 +273,12 @@ def decode(record: Any) -> Example | Skipped:
             clip = context_audio[offsets[i] : offsets[i + 1]]
             context.append(Turn(turn["role"], str(turn.get("text", "")), clip if clip.size else None))
         events = tuple(e.strip() for e in _text(record["events"]).split(",") if e.strip())
+        rid = _text(record["id"])
+        tokens, reply_tokens = record["speech_tokens"], record["reply_speech_tokens"]
+        if sidecar is not None and rid in sidecar:
+            tokens, reply_tokens = sidecar[rid]
         return Example(
-            id=_text(record["id"]),
+            id=rid,
             audio=audio,
             transcript=transcript,
             emotion=_text(record["emotion"]).strip(),
@@ -270,12 +287,34 @@ def decode(record: Any) -> Example | Skipped:
             reply=_text(record["reply"]).strip(),
             reply_audio=_pcm(record["reply_audio"]),
             context=context,
-            speech_tokens=np.asarray(record["speech_tokens"], np.int32),
-            reply_speech_tokens=np.asarray(record["reply_speech_tokens"], np.int32),
+            speech_tokens=np.asarray(tokens, np.int32),
+            reply_speech_tokens=np.asarray(reply_tokens, np.int32),
         )
     except Exception as e:  # a record that deserialized but makes no sense
         rid = record.get("id", b"?") if isinstance(record, dict) else "?"
         return Skipped("bad_records", f"record {_text(rid)!r} invalid: {type(e).__name__}: {e}")
+
+
+class Decode(grain.transforms.Map):
+    """`decode` with the speech tokens of the dataset's current sidecar cache
+    (hellochat_jax/data/speech_tokens.py), read on first use in each process so the transform
+    pickles cheaply into prefetch workers."""
+
+    def __init__(self, tokens_dir: Path | None, split: str):
+        self.tokens_dir = tokens_dir
+        self.split = split
+        self._read, self._table = False, None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_read": False, "_table": None}
+
+    def map(self, record: Any) -> Example | Skipped:
+        # Read once: a cache rebuilt mid-run must not change the tokens under a running job.
+        # (Read threads may race to the first read; they read the same file.)
+        if not self._read:
+            self._table = speech_tokens.load_dir(self.tokens_dir, self.split) if self.tokens_dir is not None else None
+            self._read = True
+        return decode(record, self._table)
 
 
 # --------------------------------------------------------------------------- samples
@@ -331,7 +370,8 @@ def build_messages(
             question: tuple = (ex.transcript,)
         else:
             question = (_clip(ex.audio),)
-        return messages + [Message("user", question), Message("assistant", (ex.reply,))]
+        style = STYLE_FOR_EMOTION.get(ex.emotion) if cfg.reply_style else None
+        return messages + [Message("user", question), Message("assistant", (with_style(ex.reply, style),))]
     if task == "tts":
         text = ex.reply if ex.reply and ex.reply_audio.size else ex.transcript
         return messages + [Message("user", (pick(INSTRUCTIONS["tts"]) + text,)), Message("assistant", (text,))]
@@ -405,11 +445,26 @@ class MakeSample(grain.transforms.RandomMap):
         }
         for i, clip in enumerate(enc.clips):
             sample["audio"][i, : len(clip)] = _pcm16(clip[: cfg.max_audio_samples])
+        if cfg.ctc_label_len:
+            sample.update(self._ctc_labels(ex, enc.clips, chat))
         if cfg.talker:
             sample.update(self._talker(ex, task, chat, too_long))
         if too_long:
             return Skipped("too_long", f"record {ex.id!r} ({task}): " + "; ".join(too_long))
         return sample
+
+    def _ctc_labels(self, ex: Example, clips: list[np.ndarray], chat: ChatTokens) -> dict[str, np.ndarray]:
+        """Each clip's words as text tokens (the utterance's transcript, a context turn's text);
+        length 0 for a clip whose words are unknown or too many (no CTC loss on it)."""
+        said = [(ex.audio, ex.transcript)] + [(t.audio, t.text) for t in ex.context if t.audio is not None]
+        labels = np.zeros((len(clips), self.cfg.ctc_label_len), np.int32)
+        lengths = np.zeros(len(clips), np.int32)
+        for i, clip in enumerate(clips):
+            text = next((t for audio, t in said if audio is clip), None)
+            ids = chat.text(text) if text else ()
+            if 0 < len(ids) <= self.cfg.ctc_label_len:
+                labels[i, : len(ids)], lengths[i] = ids, len(ids)
+        return {"ctc_labels": labels, "ctc_label_lengths": lengths}
 
     def _talker(self, ex: Example, task: str, chat: ChatTokens, too_long: list[str]) -> dict[str, np.ndarray]:
         cfg = self.cfg
@@ -492,6 +547,8 @@ def _empty_sample(cfg: DataConfig) -> dict[str, np.ndarray]:
         "audio": np.zeros((0, cfg.max_audio_samples), np.int16), "audio_lengths": z,
         "counters": np.zeros((1, len(COUNTERS)), np.int32),
     }  # fmt: skip
+    if cfg.ctc_label_len:
+        out.update(ctc_labels=np.zeros((0, cfg.ctc_label_len), np.int32), ctc_label_lengths=z)
     if cfg.talker:
         out.update(
             speech_text=z, speech_tokens=z, speech_audio=np.zeros((0, cfg.max_speech_samples), np.int16),
@@ -523,6 +580,9 @@ class Finalize(grain.transforms.Map):
             "audio": b["audio"].astype(np.float32) / 32768.0,
             "audio_lengths": b["audio_lengths"].astype(np.int32),
         }
+        if self.cfg.ctc_label_len:
+            out["ctc_labels"] = b["ctc_labels"].astype(np.int32)
+            out["ctc_label_lengths"] = b["ctc_label_lengths"].astype(np.int32)
         counters = b["counters"].sum(axis=1)  # [B, max_segments, C] -> [B, C]
         for i, name in enumerate(COUNTERS):
             out[name] = counters[:, i].astype(np.int32)
@@ -570,15 +630,17 @@ def record_dataset(
 ) -> grain.MapDataset:
     """This process's records, shuffled, repeated and decoded (`Example` or `Skipped`)."""
     process_index, process_count = _process(process_index, process_count)
+    tokens_dir = None  # a given source has no sidecar speech tokens
     if source is None:
         source = builders.open_source(cfg.dataset, cfg.split, cfg.data_dir or None)
+        tokens_dir = speech_tokens.cache_dir(cfg.dataset, cfg.data_dir or None)
     ds = grain.MapDataset.source(SafeSource(source))
     # Shard before shuffling: each process always owns the same records, and the shuffle only
     # reorders them (reshuffled every epoch: grain folds the epoch into the seed).
     ds = ds[process_index::process_count]
     if len(ds) == 0:
         raise ValueError(f"process {process_index} of {process_count} gets no records ({len(source)} in all)")
-    return ds.shuffle(seed=cfg.seed).repeat(cfg.num_epochs).map(decode)
+    return ds.shuffle(seed=cfg.seed).repeat(cfg.num_epochs).map(Decode(tokens_dir, cfg.split))
 
 
 def sample_dataset(cfg: DataConfig, **kwargs: Any) -> grain.IterDataset:
@@ -596,6 +658,8 @@ def make_dataset(cfg: DataConfig, **kwargs: Any) -> grain.IterDataset:
     T, A = cfg.seq_len, cfg.max_clips
     lengths = {"input_ids": T, "targets": T, "loss_mask": T, "task_id": T, "audio": A, "audio_lengths": A}
     lengths["counters"] = cfg.max_segments
+    if cfg.ctc_label_len:
+        lengths.update(ctc_labels=A, ctc_label_lengths=A)  # one label row per clip
     if cfg.talker:
         lengths.update(speech_text=cfg.speech_text_len, speech_tokens=cfg.speech_token_len)
         lengths.update(speech_audio=1, speech_audio_lengths=1)  # one talker pair per row

@@ -16,7 +16,7 @@ model_v2.py) does, so a row's tokens do not depend on what it is batched with.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -159,6 +159,11 @@ def _conv_out_len(n: jax.Array | int) -> jax.Array | int:
     return (n - 1) // 2 + 1
 
 
+def num_tokens(samples: int) -> int:
+    """Tokens of a 16 kHz clip of `samples` samples (100 Hz mel frames, two stride-2 convs)."""
+    return _conv_out_len(_conv_out_len(samples // HOP))
+
+
 def rope_64(x: jax.Array) -> jax.Array:
     """Rotate-half RoPE over the 64 head dims, positions 0..T-1. x [B, T, H, 64]."""
     t = x.shape[1]
@@ -243,7 +248,8 @@ class S3Tokenizer(nnx.Module):
     """S3Tokenizer v2 (AudioEncoderV2 + FSQ) on log-mel input.
 
     `__call__(mel, mel_lens) -> (tokens, token_lens)`; `encode` and `project` expose the
-    encoder output and the pre-rounding FSQ projection.
+    encoder output and the pre-rounding FSQ projection, `codes` the straight-through FSQ codes
+    that training losses are computed on.
     """
 
     def __init__(self, cfg: S3TokenizerConfig, *, rngs: nnx.Rngs):
@@ -285,6 +291,47 @@ class S3Tokenizer(nnx.Module):
         hidden, token_lens = self.encode(mel, mel_lens)
         tokens = fsq_tokens(self.project(hidden))
         return jnp.where(_valid(token_lens, tokens.shape[1]), tokens, 0), token_lens
+
+
+    def codes(self, mel: jax.Array, mel_lens: jax.Array) -> FSQCodes:
+        """The training forward: `FSQCodes` (codes, tokens, valid, projection).
+
+        Codes are rounded in the forward pass and pass gradients straight through the rounding
+        to 0.999 tanh(projection) (FSQ's straight-through estimator), so a loss on the codes
+        trains the encoder. `tokens` equal `__call__`'s; codes and tokens are 0 past each row's
+        length.
+        """
+        hidden, token_lens = self.encode(mel, mel_lens)
+        valid = _valid(token_lens, hidden.shape[1])
+        proj = self.project(hidden)
+        codes = round_straight_through(jnp.tanh(proj) * FSQ_SCALE)
+        tokens = codes_to_tokens(jax.lax.stop_gradient(codes))
+        return FSQCodes(codes * valid[..., None], jnp.where(valid, tokens, 0), valid, proj)
+
+
+class FSQCodes(NamedTuple):
+    codes: jax.Array  # [B, T', 8] float32 in {-1, 0, 1}, straight-through gradients
+    tokens: jax.Array  # [B, T'] int32, as S3Tokenizer.__call__ gives them
+    valid: jax.Array  # [B, T'] bool: t < the row's token length
+    projection: jax.Array  # [B, T', 8] float32 before tanh (for losses that keep it in tanh's range)
+
+
+@jax.custom_jvp
+def round_straight_through(x: jax.Array) -> jax.Array:
+    """Round half to even in the forward pass, identity gradient. (A custom rule rather than
+    x + stop_gradient(round(x) - x): that sum can be off the integer by an ulp.)"""
+    return jnp.round(x)
+
+
+@round_straight_through.defjvp
+def _round_straight_through_jvp(primals, tangents):
+    return round_straight_through(primals[0]), tangents[0]
+
+
+def codes_to_tokens(codes: jax.Array) -> jax.Array:
+    """[..., 8] FSQ codes in {-1, 0, 1} -> int32 token sum_i (code_i + 1) 3^i."""
+    powers = jnp.asarray(FSQ_LEVELS ** np.arange(FSQ_DIM), jnp.int32)
+    return jnp.sum((codes.astype(jnp.int32) + 1) * powers, axis=-1)
 
 
 def fsq_tokens(proj: jax.Array) -> jax.Array:
