@@ -190,10 +190,12 @@ def load(path: str | Path | None, overrides: list[str] | None = None, stage: str
     if stage != data.get("stage", "thinker"):
         # options are the stage's own: the file's top-level ones belong to the file's stage
         merged["options"] = dict(section.get("options") or {})
+    merged = config_lib.merge(merged, update)
     if stage != "thinker" and "run_dir" not in section:
+        # the whole model's run folder (from the file or an override) holds each stage's run
         merged["run_dir"] = str(Path(merged.get("run_dir", TrainConfig.run_dir)) / stage)
     merged["stage"] = stage
-    cfg = config_lib.from_dict(TrainConfig, config_lib.merge(merged, update), where=str(path or "config"))
+    cfg = config_lib.from_dict(TrainConfig, merged, where=str(path or "config"))
     check_static(cfg)
     return cfg
 
