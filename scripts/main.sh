@@ -23,8 +23,8 @@ hellochat train --config tiny --stage flow --resume "$@"
 hellochat train --config tiny --stage hift --resume "$@"
 hellochat export --run "$RUN" --out "$MODEL"
 
-hellochat eval understand --model "$MODEL" --json "$RUN/eval_understand.json"
-hellochat eval tts --model "$MODEL" --json "$RUN/eval_tts.json"
+hellochat eval understand --model "$MODEL" --num 60 --json "$RUN/eval_understand.json"
+hellochat eval tts --model "$MODEL" --num 40 --json "$RUN/eval_tts.json"
 
 # A held-out spoken question, answered out loud (the reply text streams as it is generated).
 hellochat data clip --split test --kind question --index 0 --out "$RUN/question.wav"

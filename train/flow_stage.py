@@ -48,30 +48,26 @@ class FlowData:
         self.tokens = reply_tokens_source(cfg, "train")
 
     def row(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray] | None:
-        from hellochat_jax.components.hift.model import log_mel
-
         rid = text(record["id"])
         if rid not in self.tokens:
             return None
         tokens = np.asarray(self.tokens[rid][1], np.int32)
         wav = pcm(record["reply_audio"])
-        ratio = self.flow.token_mel_ratio
-        if tokens.size < 4 or wav.size <= self.mel["n_fft"]:
-            return None
-        # The 16 kHz tokens and this rate's mel both cover the clip: 2 mel frames per token.
         if self.mel["rate"] != 16000:
             from hellochat_jax.core import dsp
 
             wav = np.asarray(dsp.resample(wav, 16000, self.mel["rate"]))
-        mel = np.asarray(log_mel(wav, **self.mel))
-        n = min(tokens.size, mel.shape[0] // ratio)
-        start = int(rng.integers(0, max(n - self.opts.max_tokens, 0) + 1))
+        # The 16 kHz tokens and this rate's mel both cover the clip: `ratio` mel frames per token.
+        per_token = self.flow.token_mel_ratio * self.mel["hop"]
+        n = min(tokens.size, wav.size // per_token)
+        if n < 4:
+            return None
         window = min(self.opts.max_tokens, n)
-        tokens = tokens[start : start + window]
-        mel = mel[start * ratio : (start + window) * ratio]
+        start = int(rng.integers(0, n - window + 1))
         return {
-            "token": pad_to(tokens, self.opts.max_tokens), "token_len": np.int32(window),
-            "feat": pad_to(mel.astype(np.float32), self.opts.max_tokens * ratio),
+            "token": pad_to(tokens[start : start + window], self.opts.max_tokens), "token_len": np.int32(window),
+            # the mel is computed in the step (one compiled shape), not per row on the host
+            "wave": pad_to(wav[start * per_token : (start + window) * per_token], self.opts.max_tokens * per_token),
         }
 
     def iterator(self):
@@ -82,7 +78,7 @@ class FlowData:
         return {
             "token": jax.ShapeDtypeStruct((self.rows, t), np.dtype(np.int32)),
             "token_len": jax.ShapeDtypeStruct((self.rows,), np.dtype(np.int32)),
-            "feat": jax.ShapeDtypeStruct((self.rows, t * self.flow.token_mel_ratio, self.flow.output_size), np.dtype(np.float32)),
+            "wave": jax.ShapeDtypeStruct((self.rows, t * self.flow.token_mel_ratio * self.mel["hop"]), np.dtype(np.float32)),
         }
 
 
@@ -93,6 +89,7 @@ class FlowObjective:
     def __init__(self, cfg, data):
         self.ratio = data.flow.token_mel_ratio
         self.bins = data.flow.output_size
+        self.mel = data.mel
 
     def normalizers(self, batch):
         return {"frames": jnp.maximum(jnp.sum(batch["token_len"]).astype(jnp.float32) * self.ratio * self.bins, 1.0)}
@@ -100,9 +97,12 @@ class FlowObjective:
     def __call__(self, model, micro, key, norms):
         from hellochat_jax.components.flow.model import flow_matching_loss
 
+        from hellochat_jax.components.hift.model import log_mel
+
         flow = model.flow
+        feat = log_mel(micro["wave"], **self.mel)
         embedding = jnp.zeros((micro["token"].shape[0], flow.cfg.spk_embed_dim), jnp.float32)
-        mean, aux = flow_matching_loss(flow, micro["token"], micro["token_len"], micro["feat"], embedding, key=key)
+        mean, aux = flow_matching_loss(flow, micro["token"], micro["token_len"], feat, embedding, key=key)
         count = jnp.sum(aux["mask"]) * self.bins
         total = mean * count
         stats = {"flow_mse_sum": total, "flow_count": count, "input_tokens": jnp.sum(micro["token_len"]).astype(jnp.float32)}
