@@ -13,7 +13,8 @@ def tiny_corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from hellochat_jax.data import builders
 
     root = tmp_path_factory.getbasetemp() / "hellochat_data"
-    done = root / "hellochat_synth" / "tiny" / "1.0.0" / "tokenizer" / "tokenizer.json"
+    version = str(builders.HellochatSynth.VERSION)
+    done = root / "hellochat_synth" / "tiny" / version / "tokenizer" / "tokenizer.json"
     if not done.is_file():  # several test modules import this; the first one builds
         build_synth(builders.SYNTH_TINY, str(root), workers=1)
     return builders.dataset_dir("hellochat_synth/tiny", str(root))

@@ -183,6 +183,9 @@ def load(path: str | Path | None, overrides: list[str] | None = None, stage: str
 
     if stage not in stages_lib.STAGE_MODULES:
         raise ConfigError(f"unknown stage {stage!r}; the stages are {list(stages_lib.STAGE_MODULES)}")
+    unknown = sorted(set(data.get("stages") or {}) - set(stages_lib.STAGE_MODULES))
+    if unknown:
+        raise ConfigError(f"stages: unknown stage(s) {unknown}; the stages are {list(stages_lib.STAGE_MODULES)}")
     section = (data.get("stages") or {}).get(stage) or {}
     if not isinstance(section, dict):
         raise ConfigError(f"stages.{stage}: expected a mapping of overrides")
