@@ -34,7 +34,7 @@ echo "reply audio: $RUN/replies/question.wav (text: $RUN/replies/question.txt)"
 python - "$RUN" <<'PY'
 import json, sys
 run = sys.argv[1]
-table = {**json.load(open(f"{run}/eval_understand.json")), **json.load(open(f"{run}/eval_tts.json"))}
+table = {**json.load(open(f"{run}/eval_understand.json"))["metrics"], **json.load(open(f"{run}/eval_tts.json"))["metrics"]}
 print("held-out (test split):")
 for name in ("wer", "cer", "emotion_accuracy", "events_f1", "reply_word_accuracy", "tts_wer", "tts_wer_floor",
              "tts_wer_noise", "style_accuracy"):

@@ -74,6 +74,8 @@ class CorpusData:
         keys = USED_KEYS + (AUDIO_KEYS if cfg.model.encoder is not None else ())
         if cfg.model.encoder is not None and cfg.data.corpus.get("ctc_label_len"):
             keys += ("ctc_labels", "ctc_label_lengths")
+        if cfg.model.encoder is not None and cfg.data.corpus.get("clip_labels"):
+            keys += ("clip_emotion", "clip_events")
         return keys
 
     def iterator(self):

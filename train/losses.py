@@ -46,10 +46,11 @@ class Objective:
     `model.remat` policy: memory first; off with `none`: speed first)."""
 
     def __init__(self, task_names: tuple[str, ...], talker_weight: float = 1.0, remat: bool = False,
-                 encoder_ctc_weight: float = 0.0):
+                 encoder_ctc_weight: float = 0.0, encoder_label_weight: float = 0.0):
         self.task_names = tuple(task_names)
         self.num_tasks = len(self.task_names)
         self.encoder_ctc_weight = encoder_ctc_weight
+        self.encoder_label_weight = encoder_label_weight
         self.talker_weight = talker_weight
         self.cross_entropy = remat_cross_entropy if remat else token_cross_entropy
         self.speech_terms = jax.checkpoint(speech_token_terms, static_argnums=(2,)) if remat else speech_token_terms
@@ -60,6 +61,10 @@ class Objective:
         if "ctc_label_lengths" in batch:
             # per label token: an utterance's CTC is a sum over its words
             out["encoder_ctc_labels"] = jnp.maximum(jnp.sum(batch["ctc_label_lengths"]).astype(jnp.float32), 1.0)
+        if "clip_emotion" in batch:
+            real = batch["audio_lengths"] > 0
+            out["encoder_emotion_clips"] = jnp.maximum(jnp.sum(real & (batch["clip_emotion"] >= 0)).astype(jnp.float32), 1.0)
+            out["encoder_events_clips"] = jnp.maximum(jnp.sum(real & (batch["clip_events"][..., 0] >= 0)).astype(jnp.float32), 1.0)
         if "speech_targets" in batch:
             speech = batch["speech_targets"] != IGNORE_ID
             out["talker"] = jnp.maximum(jnp.sum(speech).astype(jnp.float32), 1.0)
@@ -91,6 +96,11 @@ class Objective:
             ctc, labels = self.encoder_ctc(model, features, batch)
             stats.update(encoder_ctc=ctc, encoder_ctc_labels=labels)
             loss = loss + self.encoder_ctc_weight * ctc / norms["encoder_ctc_labels"]
+        if self.encoder_label_weight and features is not None and "clip_emotion" in batch:
+            labels = self.encoder_labels(model, features, batch)
+            stats.update(labels)
+            loss = loss + self.encoder_label_weight * (labels["encoder_emotion_ce"] / norms["encoder_emotion_clips"]
+                                                       + labels["encoder_events_bce"] / norms["encoder_events_clips"])
         if "talker" in norms and model.talker is not None:
             talker_loss, talker_stats = self.talker_loss(model.talker, batch, norms)
             stats.update(talker_stats)
@@ -117,6 +127,35 @@ class Objective:
         has = (n_labels > 0) & (lengths > 0)
         return jnp.sum(jnp.where(has, per_clip, 0.0)), jnp.sum(jnp.where(has, n_labels, 0)).astype(jnp.float32)
 
+    def encoder_labels(self, model, features: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Emotion CE and event BCE (summed over the events) of each labelled clip from the
+        encoder's mean-pooled features, summed over clips."""
+        from hellochat_jax.components.dasheng.model import FRAMES_PER_PATCH
+
+        enc = model.thinker.audio_encoder.cfg
+        lengths = batch["audio_lengths"].reshape(-1)
+        frames = (1 + lengths // enc.hop_size) // FRAMES_PER_PATCH
+        valid = (jnp.arange(features.shape[1])[None, :] < frames[:, None]).astype(jnp.float32)
+        pooled = jnp.sum(features * valid[..., None], axis=1) / jnp.maximum(jnp.sum(valid, axis=1, keepdims=True), 1.0)
+        emotion = batch["clip_emotion"].reshape(-1)
+        events = batch["clip_events"].reshape(lengths.shape[0], -1)
+        has_emotion = (lengths > 0) & (emotion >= 0)
+        has_events = (lengths > 0) & (events[:, 0] >= 0)
+        heads = model.heads
+        out = {}
+        with jax.named_scope("encoder_labels"):
+            logits = heads.encoder_emotion(pooled).astype(jnp.float32)
+            ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, jnp.maximum(emotion, 0)[:, None], -1)[:, 0]
+            out["encoder_emotion_ce"] = jnp.sum(jnp.where(has_emotion, ce, 0.0))
+            out["encoder_emotion_correct"] = jnp.sum(has_emotion & (jnp.argmax(logits, -1) == emotion)).astype(jnp.float32)
+            out["encoder_emotion_n"] = jnp.sum(has_emotion).astype(jnp.float32)
+            ev_logits = heads.encoder_events(pooled).astype(jnp.float32)
+            target = jnp.maximum(events, 0).astype(jnp.float32)
+            bce = jnp.sum(jnp.maximum(ev_logits, 0) - ev_logits * target + jnp.log1p(jnp.exp(-jnp.abs(ev_logits))), -1)
+            out["encoder_events_bce"] = jnp.sum(jnp.where(has_events, bce, 0.0))
+            out["encoder_events_n"] = jnp.sum(has_events).astype(jnp.float32)
+        return out
+
     def talker_loss(self, talker, batch: dict[str, jax.Array], norms: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The speech LM's loss on one micro-batch (its share of the step's), as its config says."""
         logits, _ = talker(batch["speech_ids"], batch["speech_kinds"])
@@ -140,6 +179,10 @@ class Objective:
             n = max(float(stats["talker_tokens"]), 1.0)
             rec["talker_loss"] = float(stats["talker_ce"]) / n
             rec["talker_accuracy"] = float(stats["talker_correct"]) / n
+        if "encoder_emotion_ce" in stats:
+            n = max(float(stats["encoder_emotion_n"]), 1.0)
+            rec["encoder_emotion_acc"] = float(stats["encoder_emotion_correct"]) / n
+            rec["encoder_events_bce"] = float(stats["encoder_events_bce"]) / max(float(stats["encoder_events_n"]), 1.0)
         if "encoder_ctc" in stats:
             rec["encoder_ctc"] = float(stats["encoder_ctc"]) / max(float(stats["encoder_ctc_labels"]), 1.0)
         return rec

@@ -75,7 +75,7 @@ from hellochat_jax.core.dsp import (
     num_audio_tokens,  # the placeholder count, shared with the model
 )
 from hellochat_jax.data import builders, speech_tokens
-from hellochat_jax.data.synth import STYLE_FOR_EMOTION
+from hellochat_jax.data.synth import EMOTIONS, EVENTS, STYLE_EMOTION, STYLE_FOR_EMOTION
 from hellochat_jax.data.tokenizer import AudioPart, ChatTokens, Message, load_tokenizer, with_style
 
 SAMPLE_RATE = 16000
@@ -132,6 +132,13 @@ class DataConfig:
     ctc_label_len: int = 0
     # spoken replies start with the style that fits the speaker's emotion (synth.STYLE_FOR_EMOTION)
     reply_style: bool = True
+    # each clip also carries its emotion and background-event labels (synth.EMOTIONS, synth.EVENTS;
+    # -1 = unknown), for auxiliary classifiers on the audio encoder
+    clip_labels: bool = False
+    # probability that an asr sample transcribes the record's spoken reply instead of the
+    # utterance: the recogniser then also knows the talker's sentences and voice (the
+    # Seed-TTS-Eval style evaluation transcribes replies with the thinker)
+    reply_asr_p: float = 0.0
     read_threads: int = 2  # threads per process for the per-record stages (decode, tokenize)
     workers: int = 0  # prefetch processes; 0 = everything in the calling process
     worker_buffer_size: int = 2
@@ -171,6 +178,9 @@ def batch_shapes(cfg: DataConfig) -> dict[str, tuple[tuple[int, ...], type]]:
     if cfg.ctc_label_len:
         shapes["ctc_labels"] = ((B, A, cfg.ctc_label_len), np.int32)
         shapes["ctc_label_lengths"] = ((B, A), np.int32)
+    if cfg.clip_labels:
+        shapes["clip_emotion"] = ((B, A), np.int32)
+        shapes["clip_events"] = ((B, A, len(EVENTS)), np.int32)
     if cfg.talker:
         shapes["speech_text"] = ((B, cfg.speech_text_len), np.int32)
         shapes["speech_tokens"] = ((B, cfg.speech_token_len), np.int32)
@@ -375,6 +385,11 @@ def build_messages(
     if task == "tts":
         text = ex.reply if ex.reply and ex.reply_audio.size else ex.transcript
         return messages + [Message("user", (pick(INSTRUCTIONS["tts"]) + text,)), Message("assistant", (text,))]
+    if task == "asr" and ex.reply and ex.reply_audio.size and rng.random() < cfg.reply_asr_p:
+        return messages + [
+            Message("user", (_clip(ex.reply_audio), pick(INSTRUCTIONS["asr"]))),
+            Message("assistant", (ex.reply,)),
+        ]
     answer = {
         "asr": ex.transcript,
         "emotion": ex.emotion,
@@ -399,6 +414,29 @@ def _chat_tokens(path: str) -> ChatTokens:
 @functools.lru_cache(maxsize=4)
 def _load_chat_tokens(path: str) -> ChatTokens:
     return ChatTokens(load_tokenizer(path))
+
+
+def clip_labels(ex: Example, clips: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Each clip's emotion (index into synth.EMOTIONS) and background events (multi-hot over
+    synth.EVENTS); -1 where unknown. Context turns are spoken by the same speaker in the same
+    way, without background events."""
+    emotion = EMOTIONS.index(ex.emotion) if ex.emotion in EMOTIONS else -1
+    events = np.full(len(EVENTS), -1, np.int32)
+    if ex.events and all(e in EVENTS for e in ex.events):
+        events = np.asarray([int(e in ex.events) for e in EVENTS], np.int32)
+    quiet = np.asarray([int(e == "silence") for e in EVENTS], np.int32)
+    out_emotion = np.full(len(clips), -1, np.int32)
+    out_events = np.full((len(clips), len(EVENTS)), -1, np.int32)
+    style = STYLE_FOR_EMOTION.get(ex.emotion)
+    reply_emotion = EMOTIONS.index(STYLE_EMOTION[style]) if style else -1
+    for i, clip in enumerate(clips):
+        if clip is ex.audio:
+            out_emotion[i], out_events[i] = emotion, events
+        elif clip is ex.reply_audio:  # the assistant's voice, in the style it answered with
+            out_emotion[i], out_events[i] = reply_emotion, quiet
+        elif any(t.audio is clip for t in ex.context):
+            out_emotion[i], out_events[i] = emotion, quiet
+    return {"clip_emotion": out_emotion, "clip_events": out_events}
 
 
 class MakeSample(grain.transforms.RandomMap):
@@ -447,6 +485,8 @@ class MakeSample(grain.transforms.RandomMap):
             sample["audio"][i, : len(clip)] = _pcm16(clip[: cfg.max_audio_samples])
         if cfg.ctc_label_len:
             sample.update(self._ctc_labels(ex, enc.clips, chat))
+        if cfg.clip_labels:
+            sample.update(clip_labels(ex, enc.clips))
         if cfg.talker:
             sample.update(self._talker(ex, task, chat, too_long))
         if too_long:
@@ -456,7 +496,8 @@ class MakeSample(grain.transforms.RandomMap):
     def _ctc_labels(self, ex: Example, clips: list[np.ndarray], chat: ChatTokens) -> dict[str, np.ndarray]:
         """Each clip's words as text tokens (the utterance's transcript, a context turn's text);
         length 0 for a clip whose words are unknown or too many (no CTC loss on it)."""
-        said = [(ex.audio, ex.transcript)] + [(t.audio, t.text) for t in ex.context if t.audio is not None]
+        said = [(ex.audio, ex.transcript), (ex.reply_audio, ex.reply)]
+        said += [(t.audio, t.text) for t in ex.context if t.audio is not None]
         labels = np.zeros((len(clips), self.cfg.ctc_label_len), np.int32)
         lengths = np.zeros(len(clips), np.int32)
         for i, clip in enumerate(clips):
@@ -549,6 +590,8 @@ def _empty_sample(cfg: DataConfig) -> dict[str, np.ndarray]:
     }  # fmt: skip
     if cfg.ctc_label_len:
         out.update(ctc_labels=np.zeros((0, cfg.ctc_label_len), np.int32), ctc_label_lengths=z)
+    if cfg.clip_labels:
+        out.update(clip_emotion=z, clip_events=np.zeros((0, len(EVENTS)), np.int32))
     if cfg.talker:
         out.update(
             speech_text=z, speech_tokens=z, speech_audio=np.zeros((0, cfg.max_speech_samples), np.int16),
@@ -583,6 +626,10 @@ class Finalize(grain.transforms.Map):
         if self.cfg.ctc_label_len:
             out["ctc_labels"] = b["ctc_labels"].astype(np.int32)
             out["ctc_label_lengths"] = b["ctc_label_lengths"].astype(np.int32)
+        if self.cfg.clip_labels:
+            # padding clips (batch_and_pad zeros) have length 0: the loss masks them by audio_lengths
+            out["clip_emotion"] = b["clip_emotion"].astype(np.int32)
+            out["clip_events"] = b["clip_events"].astype(np.int32)
         counters = b["counters"].sum(axis=1)  # [B, max_segments, C] -> [B, C]
         for i, name in enumerate(COUNTERS):
             out[name] = counters[:, i].astype(np.int32)
@@ -660,6 +707,8 @@ def make_dataset(cfg: DataConfig, **kwargs: Any) -> grain.IterDataset:
     lengths["counters"] = cfg.max_segments
     if cfg.ctc_label_len:
         lengths.update(ctc_labels=A, ctc_label_lengths=A)  # one label row per clip
+    if cfg.clip_labels:
+        lengths.update(clip_emotion=A, clip_events=A)
     if cfg.talker:
         lengths.update(speech_text=cfg.speech_text_len, speech_tokens=cfg.speech_token_len)
         lengths.update(speech_audio=1, speech_audio_lengths=1)  # one talker pair per row

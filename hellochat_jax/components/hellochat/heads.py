@@ -3,6 +3,9 @@ dropped (`hellochat export` leaves them out of the model folder).
 
     encoder_ctc     Linear over the thinker's audio-encoder features (25 Hz) -> text-token CTC:
                     an auxiliary loss that teaches the encoder to hear words early in training
+    encoder_emotion / encoder_events   utterance emotion (softmax) and background events
+                    (sigmoid per event) from the encoder's mean-pooled features: the encoder
+                    learns how it was said and what else sounds, which the thinker then verbalises
     tokenizer_ctc   a small decoder over the speech tokenizer's FSQ codes (8 dims, 25 Hz) ->
                     text-token CTC: CosyVoice 2's supervised semantic tokens, scaled down
     tokenizer_emotion  utterance emotion from the FSQ codes (mean-pooled): keeps how it was
@@ -32,6 +35,8 @@ class HeadsConfig:
     tokenizer_layers: int = 2  # conv blocks over the FSQ codes before the CTC projection
     tokenizer_kernel: int = 5
     emotions: int = 0  # emotion classes for tokenizer_emotion (0: no such head)
+    encoder_emotions: int = 0  # emotion classes for encoder_emotion (0: no such head; needs encoder_ctc)
+    encoder_events: int = 0  # event classes for encoder_events (0: no such head; needs encoder_ctc)
 
 
 class ConvBlock(nnx.Module):
@@ -73,14 +78,19 @@ class TrainingHeads(nnx.Module):
 
         self.cfg = cfg
         # Each attribute is assigned once: nnx refuses a module where None (static) stood.
-        encoder_ctc = tokenizer = None
+        encoder_ctc = tokenizer = encoder_emotion = encoder_events = None
         if cfg.encoder_ctc:
             encoder = model_cfg.thinker.audio_encoder if model_cfg.thinker is not None else None
             if encoder is None:
                 raise ValueError("heads.encoder_ctc needs a thinker with an audio encoder")
             encoder_ctc = Linear(encoder.embed_dim, cfg.vocab_size, names=("audio_embed", "vocab"), rngs=rngs)
+            if cfg.encoder_emotions:
+                encoder_emotion = Linear(encoder.embed_dim, cfg.encoder_emotions, names=("audio_embed", None), rngs=rngs)
+            if cfg.encoder_events:
+                encoder_events = Linear(encoder.embed_dim, cfg.encoder_events, names=("audio_embed", None), rngs=rngs)
         if cfg.tokenizer_ctc:
             if model_cfg.speech_tokenizer is None:
                 raise ValueError("heads.tokenizer_ctc needs a speech_tokenizer part")
             tokenizer = TokenizerDecoder(cfg, FSQ_DIM, rngs=rngs)
         self.encoder_ctc, self.tokenizer = encoder_ctc, tokenizer
+        self.encoder_emotion, self.encoder_events = encoder_emotion, encoder_events
