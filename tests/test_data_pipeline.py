@@ -270,3 +270,56 @@ def test_config_errors_are_clear(tiny_corpus):  # noqa: F811
         P.make_dataset(missing, process_index=0, process_count=1)
     with pytest.raises(ValueError, match="no split"):
         P.make_dataset(make_cfg(tiny_corpus, split="dev"), process_index=0, process_count=1)
+
+
+# ----------------------------------------------------------------------------- encoder labels
+
+
+def _examples(corpus, n=12):
+    source = builders.open_source(str(corpus), "train")
+    return [P.decode(source[i]) for i in range(n)]
+
+
+def test_each_clip_carries_the_words_said_in_it_for_the_encoder_ctc(tiny_corpus):  # noqa: F811
+    """ctc_label_len > 0: a clip's label row is its own transcript (the utterance's, a reply's
+    or a context turn's) in text tokens; padding clips have none."""
+    cfg = make_cfg(tiny_corpus, ctc_label_len=48, clip_labels=True, reply_asr_p=0.5, mixture=P.Mixture(asr=1.0, qa=1.0))
+    tok = load_tokenizer(P.tokenizer_path(cfg))
+    texts = {tuple(tok.encode(t, add_special_tokens=False)) for ex in _examples(tiny_corpus, 48)
+             for t in [ex.transcript, ex.reply] + [turn.text for turn in ex.context]}
+    batch = next(P.make_iterator(cfg, process_index=0, process_count=1))
+    real = batch["audio_lengths"] > 0
+    assert real.any()
+    for labels, n in zip(batch["ctc_labels"][real], batch["ctc_label_lengths"][real]):
+        assert n > 0 and tuple(labels[:n]) in texts and not labels[n:].any()
+    assert not batch["ctc_label_lengths"][~real].any()
+
+
+def test_clip_labels_are_the_utterances_emotion_and_events_and_the_replys_style():
+    """The utterance's clip: its emotion and events; a context turn (same speaker, no mixed-in
+    sounds): its emotion and 'silence'; the spoken reply: the emotion its style realises."""
+    from hellochat_jax.data import synth
+
+    audio, reply, turn_audio = np.ones(800, np.float32), np.ones(900, np.float32), np.ones(700, np.float32)
+    ex = P.Example(id="x", audio=audio, transcript="t", emotion="angry", events=("music", "rain"), caption="c",
+                   reply="r", reply_audio=reply, context=[P.Turn("user", "u", turn_audio)],
+                   speech_tokens=np.zeros(0, np.int32), reply_speech_tokens=np.zeros(0, np.int32))
+    out = P.clip_labels(ex, [audio, turn_audio, reply])
+    E = list(synth.EVENTS)
+    assert list(out["clip_emotion"]) == [synth.EMOTIONS.index("angry")] * 2 + [
+        synth.EMOTIONS.index(synth.STYLE_EMOTION[synth.STYLE_FOR_EMOTION["angry"]])]
+    assert [E[i] for i in np.flatnonzero(out["clip_events"][0])] == ["music", "rain"]
+    assert [E[i] for i in np.flatnonzero(out["clip_events"][1])] == ["silence"]
+
+
+def test_spoken_replies_start_with_the_style_that_fits_the_speakers_emotion(tiny_corpus):  # noqa: F811
+    from hellochat_jax.data import synth
+    from hellochat_jax.data.tokenizer import with_style
+
+    cfg = make_cfg(tiny_corpus, audio_to_text_p=0.0)
+    ex = _examples(tiny_corpus, 1)[0]
+    counts = dict.fromkeys(P.COUNTERS, 0)
+    messages = P.build_messages(ex, "qa", np.random.default_rng(0), cfg, counts)
+    assert messages[-1].parts == (with_style(ex.reply, synth.STYLE_FOR_EMOTION[ex.emotion]),)
+    plain = P.build_messages(ex, "qa", np.random.default_rng(0), make_cfg(tiny_corpus, reply_style=False), counts)
+    assert plain[-1].parts == (ex.reply,)
