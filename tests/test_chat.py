@@ -17,6 +17,7 @@ from hellochat_jax.cli import main as cli
 from hellochat_jax.core import decoding
 from hellochat_jax.pipelines import chat as chat_lib
 from hellochat_jax.pipelines.chat import ChatPipeline, Conversation, split_style
+from hellochat_jax.testing.chat import make_tiny_chat_folders, noise
 
 pytest.importorskip("torch")
 pytest.importorskip("onnx")
@@ -26,25 +27,9 @@ RATE = 24000
 OPTIONS = {"max_new_tokens": 12, "speech_sampling": decoding.Greedy(), "speech_max_ratio": 4.0}
 
 
-def noise(seconds: float, seed: int = 0, amplitude: float = 0.1) -> np.ndarray:
-    return (amplitude * np.random.default_rng(seed).standard_normal(int(seconds * 16000))).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    from hellochat_jax.convert.hellochat import compose
-
-    from hellochat_jax.testing.midashenglm import make_tiny_midashenglm
-    from hellochat_jax.testing.talker import make_tiny_release
-
-    root = tmp_path_factory.mktemp("chat")
-    make_tiny_midashenglm(root / "thinker")
-    make_tiny_release(root / "release")
-    assert cli(["convert", "hellochat", "--thinker", str(root / "thinker"), "--talker", str(root / "release"), "--out", str(root / "model")]) == 0
-    compose(root / "thinker", None, root / "text_model")
-    sf.write(str(root / "q1.wav"), noise(2.0), 16000)
-    sf.write(str(root / "q2.wav"), np.zeros(24000, np.float32), 16000)
-    return root
+    return make_tiny_chat_folders(tmp_path_factory.mktemp("chat"))
 
 
 @pytest.fixture(scope="module")

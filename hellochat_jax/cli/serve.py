@@ -33,7 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_app(pipeline, *, title: str = "Hello-Chat"):
-    """The Gradio Blocks app over a loaded ChatPipeline (one reply at a time)."""
+    """The Gradio Blocks app over a loaded ChatPipeline (one reply at a time). The components'
+    elem_ids (chat, audio-in, text-in, send, reply-stream, reply-audio) are what the browser test
+    (tests/test_serve_browser.py) finds them by."""
     import gradio as gr
 
     from hellochat_jax.core import dsp as audio_io
@@ -96,14 +98,14 @@ def build_app(pipeline, *, title: str = "Hello-Chat"):
 
     with gr.Blocks(title=title) as app:
         gr.Markdown(f"# {title}\n" + "".join(f"\n_{n}_" for n in pipeline.notes))
-        chat = gr.Chatbot(label="conversation")
+        chat = gr.Chatbot(label="conversation", elem_id="chat")
         state = gr.State(None)
         with gr.Row():
-            audio_in = gr.Audio(sources=["microphone", "upload"], type="filepath", label="speak or upload")
-            text_in = gr.Textbox(label="or type", lines=2)
-        send = gr.Button("send", variant="primary")
-        stream_out = gr.Audio(label="reply (as it is spoken)", streaming=streaming, autoplay=True, interactive=False)
-        full_out = gr.Audio(label="reply", interactive=False)
+            audio_in = gr.Audio(sources=["microphone", "upload"], type="filepath", label="speak or upload", elem_id="audio-in")
+            text_in = gr.Textbox(label="or type", lines=2, elem_id="text-in")
+        send = gr.Button("send", variant="primary", elem_id="send")
+        stream_out = gr.Audio(label="reply (as it is spoken)", streaming=streaming, autoplay=True, interactive=False, elem_id="reply-stream")
+        full_out = gr.Audio(label="reply", interactive=False, elem_id="reply-audio")
         send.click(respond, [audio_in, text_in, chat, state], [chat, stream_out, state, full_out], api_name="respond")
     return app
 
