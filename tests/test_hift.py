@@ -146,7 +146,9 @@ def test_sharded_equals_unsharded():
         inputs = shd.put_batch({"mel": mel, "noise": noise, "source": want[1]}, mesh)
         got = [np.asarray(x) for x in forward(sharded, inputs["mel"], inputs["noise"])]
         decoded = np.asarray(decode(sharded, inputs["mel"], inputs["source"]))
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)  # f0
+    # f0 (Hz) is |linear| of the last conv: near-zero values of a random model differ in the last
+    # bits between reduction orders, so an absolute floor beside the relative tolerance
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
     # the sine phase amplifies f0's last-bit differences (other reduction order): looser
     np.testing.assert_allclose(got[1], want[1], atol=2e-4)
     np.testing.assert_allclose(got[2], want[2], atol=2e-3)
