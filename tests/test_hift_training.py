@@ -12,6 +12,7 @@ import optax
 import pytest
 from data_corpus import tiny_corpus  # noqa: F401  (the session's tiny corpus fixture)
 from flax import nnx
+from hellochat_jax.testing.stages import first_batch_matching_spec
 from hellochat_jax.train import hift_stage
 from hellochat_jax.train.config import ModelConfig
 
@@ -168,11 +169,7 @@ def test_options_are_checked():
 @pytest.mark.slow
 def test_stage_rows_follow_the_local_spec_and_train(tiny_corpus, vocoder):  # noqa: F811
     data = hift_stage.HiFTData(_cfg(tiny_corpus, segment_frames=8, resolutions=[[256, 64], [512, 128]]))
-    batch = next(data.iterator())
-    spec = data.local_spec()
-    assert set(batch) == set(spec)
-    for k, s in spec.items():
-        assert batch[k].shape == s.shape and batch[k].dtype == s.dtype, k
+    batch = first_batch_matching_spec(data)
     assert np.all(batch["wave_length"] > 0) and np.any(batch["f0"] > 0)
     # the mel is the flow's mel of the wave
     np.testing.assert_allclose(batch["mel"], log_mel(batch["wave"], **flow_mel_settings(data.hift)), atol=1e-4)
