@@ -101,14 +101,15 @@ def test_parameters_are_laid_out_by_the_rules(tmp_path):
     assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")  # (vocab, embed)
 
 
-@pytest.mark.parametrize("name", ["odd-heads-1kv", "gqa-tied"])
-def test_greedy_generation_is_token_exact_with_transformers(tmp_path, name):
+# 70 tokens: the prefill runs its attention in query blocks (causal_attention)
+@pytest.mark.parametrize("name,prompt_len", [("odd-heads-1kv", 7), ("gqa-tied", 7), ("gqa-tied", 70)])
+def test_greedy_generation_is_token_exact_with_transformers(tmp_path, name, prompt_len):
     path, ref = make_hf_model(tmp_path, name, seed=3)
     mesh = full_mesh(2, 2, 2)
     _, model = hf_qwen2.load(path, mesh, precision="highest")
-    prompt = np.random.default_rng(5).integers(1, ref.config.vocab_size, size=(1, 7)).astype(np.int32)
+    prompt = np.random.default_rng(5).integers(1, ref.config.vocab_size, size=(1, prompt_len)).astype(np.int32)
     with torch.no_grad():
-        expected = ref.generate(torch.tensor(prompt, dtype=torch.long), attention_mask=torch.ones(1, 7, dtype=torch.long), max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 7:].numpy()
+        expected = ref.generate(torch.tensor(prompt, dtype=torch.long), attention_mask=torch.ones(1, prompt_len, dtype=torch.long), max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[0, prompt_len:].numpy()
     tokens, lengths = generate(model, prompt, max_new_tokens=12, mesh=mesh)
     np.testing.assert_array_equal(tokens[0], expected)
     assert lengths[0] == 12
@@ -118,7 +119,7 @@ def test_left_padded_rows_generate_as_if_alone(tmp_path):
     path, _ = make_hf_model(tmp_path, "gqa-tied", seed=4)
     mesh = single_device_mesh()
     _, model = hf_qwen2.load(path, mesh, precision="highest")
-    rows = [[5, 9, 13, 2, 7, 8, 21], [44, 3, 17]]
+    rows = [[5, 9, 13, 2, 7, 8, 21], [44, 3, 17], list(range(1, 60))]  # 60 tokens: a blocked prefill
     ids, mask = left_pad(rows, multiple=8)
     batched, _ = generate(model, ids, mask, max_new_tokens=6, mesh=mesh)
     for i, row in enumerate(rows):
@@ -370,3 +371,27 @@ def test_real_qwen25_configs_derive_from_config_json():
     assert (cfg.head_dim, cfg.tie_word_embeddings) == (64, True)
     with pytest.raises(ValueError, match="sliding-window"):
         Qwen2Config.from_hf(dict(hf_7b, use_sliding_window=True))
+
+
+def test_blocked_causal_attention_equals_full_attention_and_its_gradient():
+    """The training/prefill path computes attention in query blocks over key prefixes; on every
+    row that attends to something it is the full masked attention, values and gradients."""
+    from hellochat_jax.components.qwen2.model import causal_attention, grouped_attention
+
+    b, t, h, kvh, d = 2, 100, 6, 2, 8  # 100 = 3 blocks of 32 + a partial one
+    ks = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(kk, (b, t, n, d)) for kk, n in zip(ks, (h, kvh, kvh)))
+    segment = np.ones((b, t), np.int32)
+    segment[0, :13] = 0  # left padding
+    segment[1, 40:] = 2  # two packed sequences
+    slot = np.arange(t)
+    allowed = (slot[None, None, :] <= slot[None, :, None]) & (segment[:, None, :] == segment[:, :, None]) & (segment[:, None, :] > 0)
+    live = jax.numpy.asarray(segment > 0)[:, :, None, None]
+
+    def loss(fn, q, k, v):
+        return jax.numpy.sum(jax.numpy.where(live, fn(q, k, v, allowed, None), 0.0) ** 2)
+
+    ours = jax.value_and_grad(lambda *a: loss(causal_attention, *a), argnums=(0, 1, 2))(q, k, v)
+    full = jax.value_and_grad(lambda *a: loss(grouped_attention, *a), argnums=(0, 1, 2))(q, k, v)
+    for a, e in zip(jax.tree.leaves(ours), jax.tree.leaves(full)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-5, atol=1e-5)

@@ -334,11 +334,14 @@ def decode(graphdef, state, ds: DecodeState, limits: RowLimits, until: jax.Array
 def thinker_prompt(model: nnx.Module, inputs: dict[str, jax.Array], cache: Any) -> tuple[jax.Array, Any]:
     """inputs: attention_mask and input_ids, or inputs_embeds (MiDashengLM's audio-spliced prompt).
     `model` is a Qwen2Thinker; only the last position goes through the LM head (over a whole
-    prompt, a 150k-way head would be most of the prefill's FLOPs)."""
+    prompt, a 150k-way head would be most of the prefill's FLOPs). `prefill` hands it a fresh cache,
+    hence `empty_cache=True`."""
     if "inputs_embeds" in inputs:
-        hidden, cache = model.model(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"], cache=cache)
+        hidden, cache = model.model(
+            inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"], cache=cache, empty_cache=True
+        )
     else:
-        hidden, cache = model.model(inputs["input_ids"], attention_mask=inputs["attention_mask"], cache=cache)
+        hidden, cache = model.model(inputs["input_ids"], attention_mask=inputs["attention_mask"], cache=cache, empty_cache=True)
     return model.logits(hidden[:, -1:])[:, 0].astype(jnp.float32), cache
 
 

@@ -157,6 +157,39 @@ def grouped_attention(
         return out.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
+def causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, precision: jax.lax.Precision | None
+) -> jax.Array:
+    """Self-attention of a sequence on itself (training, or a prefill into an empty cache):
+    `grouped_attention` computed in query blocks, block i reading only keys [0, end of block i).
+    The causal mask makes every later key's weight exactly zero, so only the work changes:
+    about half the score FLOPs and memory traffic, 2-3x faster forward + backward on CPU
+    (docs/performance.md). Rows that allow no key at all (padding) come out as the uniform
+    average of their block's keys rather than of all keys: their values are never used.
+    q [B, T, H, D], k/v [B, T, KV, D] (key j = query j), allowed [B, T, T] -> [B, T, H, D]."""
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    # At most 16 blocks: unrolled, so compile time grows with their number.
+    block = max(32, -(-t // 16))
+    if t <= block:
+        return grouped_attention(q, k, v, allowed, precision)
+    with jax.named_scope("attention"):
+        # Rows ordered (position, group) so that a query block is one contiguous row range.
+        qf = (q * (d**-0.5)).reshape(b, t, kvh, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kvh, t * g, d)
+        kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, D]
+        bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
+        outs = []
+        for start in range(0, t, block):
+            end = min(start + block, t)
+            scores = jnp.einsum("bkqd,bksd->bkqs", qf[:, :, start * g : end * g], kt[:, :, :end], precision=precision)
+            scores = scores.astype(jnp.float32).reshape(b, kvh, end - start, g, end) + bias[:, None, start:end, None, :end]
+            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kvh, (end - start) * g, end)
+            outs.append(jnp.einsum("bkqs,bksd->bkqd", probs, vt[:, :, :end], precision=precision))
+        out = jnp.concatenate(outs, axis=2)
+        return out.reshape(b, kvh, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
+
+
 class Qwen2Attention(nnx.Module):
     def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -177,6 +210,7 @@ class Qwen2Attention(nnx.Module):
         cache_kv: tuple[jax.Array, jax.Array, int] | None,
         kv_segment: jax.Array,
         write_index: jax.Array | None,
+        empty_cache: bool = False,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         cfg = self.cfg
         b, t, _ = x.shape
@@ -185,6 +219,15 @@ class Qwen2Attention(nnx.Module):
         k = rope(self.k_proj(x).reshape(b, t, kvh, d), positions, cfg.rope_theta)
         v = self.v_proj(x).reshape(b, t, kvh, d)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        if cache_kv is None or empty_cache:
+            # The sequence attends to itself only (a prefill's keys are all in this call).
+            kk = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+            vv = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+            slot = jnp.arange(t)
+            allowed = (slot[None, None, :] <= slot[None, :, None]) & (
+                q_segment[:, None, :] == q_segment[:, :, None]
+            ) & (q_segment[:, None, :] > 0)
+            out = causal_attention(q, kk, vv, allowed, as_precision(cfg.precision))
         if cache_kv is not None:
             # Write into the stacked [layers, ...] cache in place (XLA aliases the update
             # inside the decode loop), then read this layer's slice back.
@@ -195,15 +238,16 @@ class Qwen2Attention(nnx.Module):
             k, v = ck[layer], cv[layer]
         else:
             new_kv = None
-        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
-        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
-        s = k.shape[1]
-        # [B, T, S]: causal in slot order, same non-zero segment.
-        kv_slot = jnp.arange(s)
-        allowed = (kv_slot[None, None, :] <= q_slot[:, :, None]) & (
-            kv_segment[:, None, :] == q_segment[:, :, None]
-        ) & (kv_segment[:, None, :] > 0)
-        out = grouped_attention(q, k, v, allowed, as_precision(cfg.precision))
+        if cache_kv is not None and not empty_cache:
+            k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+            v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+            s = k.shape[1]
+            # [B, T, S]: causal in slot order, same non-zero segment.
+            kv_slot = jnp.arange(s)
+            allowed = (kv_slot[None, None, :] <= q_slot[:, :, None]) & (
+                kv_segment[:, None, :] == q_segment[:, :, None]
+            ) & (kv_segment[:, None, :] > 0)
+            out = grouped_attention(q, k, v, allowed, as_precision(cfg.precision))
         return self.o_proj(out.reshape(b, t, h * d)), new_kv
 
 
@@ -227,8 +271,10 @@ class Qwen2Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
         self.mlp = Qwen2MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, q_segment, q_slot, cache_kv, kv_segment, write_index):
-        attn, new_kv = self.self_attn(self.input_layernorm(x), positions, q_segment, q_slot, cache_kv, kv_segment, write_index)
+    def __call__(self, x, positions, q_segment, q_slot, cache_kv, kv_segment, write_index, empty_cache=False):
+        attn, new_kv = self.self_attn(
+            self.input_layernorm(x), positions, q_segment, q_slot, cache_kv, kv_segment, write_index, empty_cache
+        )
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, ("batch", "length", "embed")), new_kv
@@ -267,7 +313,10 @@ class Qwen2Model(nnx.Module):
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
+        empty_cache: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
+        """`empty_cache=True` promises that `cache` holds nothing yet (a prefill): attention then
+        reads this call's keys only, causally in blocks, instead of every cache slot."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(as_dtype(self.cfg.dtype))
@@ -291,7 +340,7 @@ class Qwen2Model(nnx.Module):
                 positions = jnp.where(q_segment > 0, seen + jnp.cumsum(q_segment > 0, -1) - 1, 1)
 
         def block_fn(block, x, cache_kv):
-            return block(x, positions, q_segment, q_slot, cache_kv, kv_segment, write_index)
+            return block(x, positions, q_segment, q_slot, cache_kv, kv_segment, write_index, empty_cache)
 
         if self.cfg.remat != "none":
             if self.cfg.remat not in REMAT_POLICIES:
