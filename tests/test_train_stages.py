@@ -107,6 +107,9 @@ def test_a_stage_section_overrides_the_file_for_that_stage_only(tmp_path):
     # the command line's overrides come last, over the stage's section
     assert train_config.load(path, ["optim.lr=5e-4"], "flow").optim.lr == 5e-4
     assert train_config.load(path, ["stage=flow"]).stage == "flow"  # `stage=` works as an override too
+    # and `stages.<name>.key=value` on the command line edits that stage's section
+    assert train_config.load(path, ["stages.flow.steps=7"], "flow").steps == 7
+    assert train_config.load(path, ["stages.flow.steps=7"], "hift").steps == 2
 
 
 def test_every_stage_but_the_thinker_runs_in_its_own_folder_of_the_run(tmp_path):
@@ -218,6 +221,17 @@ def test_each_process_reads_its_own_share_of_the_corpus_records(tmp_path_factory
     first, second = ids(0, 2), ids(1, 2)
     assert len(first) == len(second) == total // 2 and not set(first) & set(second)
     assert set(first) | set(second) == set(ids(0, 1))
+
+
+def test_a_stage_whose_limits_drop_every_record_stops_with_a_config_error(tmp_path_factory):
+    """A stage's row maker may drop records (too long for its limits); when it drops a whole
+    epoch in a row, no batch can ever be made: a one-line error instead of a silent hang."""
+    corpus = tiny_corpus_dir(tmp_path_factory)
+    cfg = from_dict(train_config.TrainConfig, {"stage": "talker", "data": {"source": "corpus", "batch_size": 4,
+                                                                           "corpus": {"dataset": str(corpus)}}})
+    it = stages.corpus_records(cfg, lambda r, rng: None, 0, 1)
+    with pytest.raises(ConfigError, match="stage talker: no corpus record fits its limits"):
+        next(it)
 
 
 # ----------------------------------------------------------------------------- end to end

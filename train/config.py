@@ -179,6 +179,8 @@ def load(path: str | Path | None, overrides: list[str] | None = None, stage: str
     data = config_lib.load_dict(path)
     update = config_lib.parse_overrides(overrides or [])
     stage = stage or update.get("stage") or data.get("stage") or "thinker"
+    if "stages" in update:  # `stages.<name>.key=value` overrides reach that stage's section
+        data = config_lib.merge(data, {"stages": update["stages"]})
     from hellochat_jax.train import stages as stages_lib
 
     if stage not in stages_lib.STAGE_MODULES:

@@ -114,19 +114,32 @@ def corpus_records(cfg: Any, make_row: Callable[[dict[str, Any], np.random.Gener
     source = builders.open_source(dataset, split, data_dir)
     rows = cfg.data.batch_size // process_count
     ds = grain.MapDataset.source(source)[process_index::process_count]
+    epoch = len(ds)
     ds = ds.shuffle(seed=cfg.seed + seed_offset).repeat(None)
-    ds = ds.random_map(_Row(make_row), seed=cfg.seed + seed_offset)
+    ds = ds.random_map(_Row(make_row, patience=epoch, stage=cfg.stage), seed=cfg.seed + seed_offset)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4 * rows))
     it = it.filter(lambda r: r is not None).batch(rows, batch_fn=_stack)
     return iter(it)
 
 
 class _Row(grain.transforms.RandomMap):
-    def __init__(self, fn):
-        self.fn = fn
+    """`make_row` on one record. A whole epoch of dropped records in a row means that none can
+    pass the stage's filters (e.g. its max_text/max_speech): without this the batcher would
+    wait forever for a row."""
+
+    def __init__(self, fn, patience: int, stage: str):
+        self.fn, self.patience, self.stage = fn, max(patience, 1), stage
+        self.dropped = 0  # in a row; grain's reader threads may race on it, which only blurs the count
 
     def random_map(self, record, rng: np.random.Generator):
-        return self.fn(record, rng)
+        row = self.fn(record, rng)
+        self.dropped = 0 if row is not None else self.dropped + 1
+        if self.dropped >= self.patience:
+            from hellochat_jax.core.config import ConfigError
+
+            raise ConfigError(f"stage {self.stage}: no corpus record fits its limits ({self.dropped} dropped in a row); "
+                              "raise the stage's length limits or rebuild the corpus")
+        return row
 
 
 def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
