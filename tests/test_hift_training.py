@@ -156,7 +156,7 @@ def test_a_few_adam_steps_reduce_the_vocoder_loss(vocoder):
 
 def _cfg(corpus, batch_size: int = 2, **options) -> types.SimpleNamespace:
     data = types.SimpleNamespace(corpus={"dataset": str(corpus)}, batch_size=batch_size)
-    return types.SimpleNamespace(data=data, seed=0, options=options, model=ModelConfig(hift=dict(SMALL)))
+    return types.SimpleNamespace(stage="hift", data=data, seed=0, options=options, model=ModelConfig(hift=dict(SMALL)))
 
 
 def test_options_are_checked():

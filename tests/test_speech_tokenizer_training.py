@@ -60,7 +60,7 @@ def test_straight_through_codes_equal_the_inference_tokens_and_pass_gradients():
 
 def _cfg(corpus, batch_size: int = 4, **options) -> types.SimpleNamespace:
     data = types.SimpleNamespace(corpus={"dataset": str(corpus)}, batch_size=batch_size)
-    return types.SimpleNamespace(data=data, seed=0, options=options)
+    return types.SimpleNamespace(stage="speech_tokenizer", data=data, seed=0, options=options)
 
 
 @pytest.fixture(scope="module")
