@@ -12,7 +12,7 @@ import optax
 import pytest
 from data_corpus import tiny_corpus  # noqa: F401  (the session's tiny corpus fixture)
 from flax import nnx
-from hellochat_jax.testing.stages import first_batch_matching_spec
+from hellochat_jax.testing.stages import first_batch_matching_spec, stage_config
 from hellochat_jax.train import hift_stage
 from hellochat_jax.train.config import ModelConfig
 
@@ -155,8 +155,7 @@ def test_a_few_adam_steps_reduce_the_vocoder_loss(vocoder):
 
 
 def _cfg(corpus, batch_size: int = 2, **options) -> types.SimpleNamespace:
-    data = types.SimpleNamespace(corpus={"dataset": str(corpus)}, batch_size=batch_size)
-    return types.SimpleNamespace(stage="hift", data=data, seed=0, options=options, model=ModelConfig(hift=dict(SMALL)))
+    return stage_config("hift", corpus, batch_size, options, model=ModelConfig(hift=dict(SMALL)))
 
 
 def test_options_are_checked():

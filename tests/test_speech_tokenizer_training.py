@@ -18,7 +18,7 @@ from hellochat_jax.components.hellochat.heads import HeadsConfig
 from hellochat_jax.components.hellochat.model import HelloChat, HelloChatConfig
 from hellochat_jax.components.s3tokenizer.model import S3Tokenizer, S3TokenizerConfig, log_mel_128, tokenize
 from hellochat_jax.data import builders, pipeline, speech_tokens
-from hellochat_jax.testing.stages import first_batch_matching_spec
+from hellochat_jax.testing.stages import first_batch_matching_spec, stage_config
 from hellochat_jax.train import tokenizer_stage
 
 TINY = S3TokenizerConfig(n_audio_state=64, n_audio_head=1, n_audio_layer=2)
@@ -59,8 +59,7 @@ def test_straight_through_codes_equal_the_inference_tokens_and_pass_gradients():
 
 
 def _cfg(corpus, batch_size: int = 4, **options) -> types.SimpleNamespace:
-    data = types.SimpleNamespace(corpus={"dataset": str(corpus)}, batch_size=batch_size)
-    return types.SimpleNamespace(stage="speech_tokenizer", data=data, seed=0, options=options)
+    return stage_config("speech_tokenizer", corpus, batch_size, options)
 
 
 @pytest.fixture(scope="module")
