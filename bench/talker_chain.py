@@ -21,7 +21,7 @@ from hellochat_jax.checkpoint.folder import load_model_folder
 from hellochat_jax.components.hift.model import flow_mel_settings
 from hellochat_jax.core import dsp
 from hellochat_jax.core import sharding as shd
-from hellochat_jax.data import pipeline, speech_tokens
+from hellochat_jax.data import builders, pipeline, speech_tokens
 from hellochat_jax.pipelines import evaluate
 from hellochat_jax.pipelines.chat import talker_from_folder
 from hellochat_jax.pipelines.talker import flow_mel
@@ -43,7 +43,7 @@ def main() -> None:
     talker = talker_from_folder(bundle, mesh)
     thinker = evaluate.thinker_from_folder(bundle)
     sidecar = speech_tokens.load(args.dataset, args.split, args.data_dir)
-    source = pipeline.SafeSource(__import__("hellochat_jax.data.builders", fromlist=["x"]).open_source(args.dataset, args.split, args.data_dir))
+    source = pipeline.SafeSource(builders.open_source(args.dataset, args.split, args.data_dir))
     records = []
     for i in range(min(args.num, len(source))):
         ex = pipeline.decode(source[i], sidecar)
@@ -59,12 +59,14 @@ def main() -> None:
         return [dsp.resample(np.asarray(w, np.float32), rate, dsp.SAMPLE_RATE) for w in waves]
 
     def vocoder(batch):
+        # true mels in the flow's settings: what a perfect flow would hand the vocoder
         mels = [flow_mel(dsp.resample(w, dsp.SAMPLE_RATE, rate), **flow_mel_settings(talker.hift.cfg)) for w in batch]
         t = max(m.shape[0] for m in mels)
         mel = np.stack([np.pad(m, ((0, t - m.shape[0]), (0, 0))) for m in mels])
         return back(talker.vocode(mel, np.asarray([m.shape[0] for m in mels]), key))
 
     def flow(batch_records):
+        # the corpus's own speech tokens (its sidecar cache): what a perfect speech LM would say
         toks = [r.example.reply_speech_tokens.tolist() for r in batch_records]
         mel, mel_len = talker.tokens_to_mel(toks, None, talker._noise(key))
         return back(talker.vocode(mel, mel_len, key))
@@ -73,9 +75,12 @@ def main() -> None:
         styles = [None] * len(batch_texts)
         return evaluate.synthesize(talker, batch_texts, styles, batch_size=8, key=key)
 
+    def batched(fn, items):
+        return [wave for i in range(0, len(items), 8) for wave in fn(items[i : i + 8])]
+
     chain = {"truth": lambda: truth,
-             "vocoder": lambda: sum((vocoder(truth[i:i + 8]) for i in range(0, len(truth), 8)), []),
-             "flow": lambda: sum((flow(records[i:i + 8]) for i in range(0, len(records), 8)), []),
+             "vocoder": lambda: batched(vocoder, truth),
+             "flow": lambda: batched(flow, records),
              "talker": lambda: speak(texts)}
     asr = pipeline.INSTRUCTIONS["asr"][0]
     rows = []
