@@ -21,7 +21,8 @@ from hellochat_jax.checkpoint.folder import load_model_folder
 from hellochat_jax.components.hift.model import flow_mel_settings
 from hellochat_jax.core import dsp
 from hellochat_jax.core import sharding as shd
-from hellochat_jax.data import builders, pipeline, speech_tokens
+from hellochat_jax.core.errors import UserError
+from hellochat_jax.data import pipeline, speech_tokens
 from hellochat_jax.pipelines import evaluate
 from hellochat_jax.pipelines.chat import talker_from_folder
 from hellochat_jax.pipelines.talker import flow_mel
@@ -43,13 +44,11 @@ def main() -> None:
     talker = talker_from_folder(bundle, mesh)
     thinker = evaluate.thinker_from_folder(bundle)
     sidecar = speech_tokens.load(args.dataset, args.split, args.data_dir)
-    source = pipeline.SafeSource(builders.open_source(args.dataset, args.split, args.data_dir))
-    records = []
-    for i in range(min(args.num, len(source))):
-        ex = pipeline.decode(source[i], sidecar)
-        if not isinstance(ex, pipeline.Skipped):
-            records.append(evaluate.Record(ex, ""))
-    records = [r for r in evaluate.speech_records(records) if r.example.reply_speech_tokens.size]
+    if sidecar is None:
+        raise SystemExit(f"{args.dataset} {args.split} has no speech tokens: run `hellochat data tokens --model {args.model}` first")
+    records = evaluate.speech_records(evaluate.load_records(args.dataset, args.split, args.num, args.data_dir))
+    records = [r for r in records if r.example.id in sidecar and len(sidecar[r.example.id][1])]
+    reply_tokens = [sidecar[r.example.id][1].tolist() for r in records]
     texts = [evaluate.reply_text(r.example.reply)[1] for r in records]
     truth = [r.example.reply_audio for r in records]
     rate = talker.sample_rate
@@ -65,9 +64,8 @@ def main() -> None:
         mel = np.stack([np.pad(m, ((0, t - m.shape[0]), (0, 0))) for m in mels])
         return back(talker.vocode(mel, np.asarray([m.shape[0] for m in mels]), key))
 
-    def flow(batch_records):
+    def flow(toks):
         # the corpus's own speech tokens (its sidecar cache): what a perfect speech LM would say
-        toks = [r.example.reply_speech_tokens.tolist() for r in batch_records]
         mel, mel_len = talker.tokens_to_mel(toks, None, talker._noise(key))
         return back(talker.vocode(mel, mel_len, key))
 
@@ -80,7 +78,7 @@ def main() -> None:
 
     chain = {"truth": lambda: truth,
              "vocoder": lambda: batched(vocoder, truth),
-             "flow": lambda: batched(flow, records),
+             "flow": lambda: batched(flow, reply_tokens),
              "talker": lambda: speak(texts)}
     asr = pipeline.INSTRUCTIONS["asr"][0]
     rows = []
@@ -98,4 +96,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a missing folder or dataset: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
