@@ -14,7 +14,7 @@ from data_corpus import tiny_corpus  # noqa: F401  (the session's tiny corpus fi
 from flax import nnx
 from hellochat_jax.testing.stages import first_batch_matching_spec, stage_config
 from hellochat_jax.train import hift_stage
-from hellochat_jax.train.config import ModelConfig
+from hellochat_jax.train.config import ModelConfig, load
 
 from hellochat_jax.components.hift import losses
 from hellochat_jax.components.hift.model import (
@@ -27,9 +27,11 @@ from hellochat_jax.components.hift.model import (
 RATE = 16000
 PER = 320  # samples per mel frame at 16 kHz
 
-# The tiny 16 kHz config, narrower and with fewer resblocks so that tests compile quickly.
+# configs/tiny.yaml's 16 kHz vocoder (the one the main job trains), and a narrower one with
+# fewer resblocks so that tests compile quickly.
+TINY_16K_HIFT = load("tiny").model.hift
 SMALL = dict(
-    hift_stage.TINY_16K_HIFT, base_channels=16, f0_cond_channels=16, nb_harmonics=2,
+    TINY_16K_HIFT, base_channels=16, f0_cond_channels=16, nb_harmonics=2,
     resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1,),),
     source_resblock_kernel_sizes=(3,), source_resblock_dilation_sizes=((1,),),
 )
@@ -66,7 +68,7 @@ def sine(freq: float, samples: int, amplitude: float = 0.3) -> np.ndarray:
 
 def test_the_mel_settings_follow_the_vocoder():
     assert flow_mel_settings(HiFTConfig()) == dict(rate=24000, n_fft=1920, hop=480, n_mels=80, fmin=0.0, fmax=8000.0)
-    cfg = HiFTConfig(**hift_stage.TINY_16K_HIFT)
+    cfg = HiFTConfig(**TINY_16K_HIFT)
     assert cfg.samples_per_frame == PER
     assert flow_mel_settings(cfg) == dict(rate=16000, n_fft=1280, hop=320, n_mels=80, fmin=0.0, fmax=8000.0)
     assert flow_mel_settings(HiFTConfig(**{**SMALL, "sampling_rate": 8000}))["fmax"] == 4000.0

@@ -45,7 +45,7 @@ TINY_FLOW = {
     "estimator": {"in_channels": 320, "out_channels": 80, "channels": [32], "attention_head_dim": 16, "n_blocks": 1,
                   "num_mid_blocks": 1, "num_heads": 2},
 }
-TINY_HIFT = {  # 16 kHz, 320 samples per mel frame (train/hift_stage.py TINY_16K_HIFT), narrow
+TINY_HIFT = {  # 16 kHz, 320 samples per mel frame (the shape of configs/tiny.yaml's before it took a wider iSTFT), narrow
     "sampling_rate": 16000, "upsample_rates": [8, 5, 2], "upsample_kernel_sizes": [16, 11, 4], "n_fft": 16, "hop_len": 4,
     "base_channels": 16, "f0_cond_channels": 16, "nb_harmonics": 2, "resblock_kernel_sizes": [3],
     "resblock_dilation_sizes": [[1]], "source_resblock_kernel_sizes": [3, 3, 3],

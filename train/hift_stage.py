@@ -30,16 +30,6 @@ from hellochat_jax.core import dsp
 
 CORPUS_RATE = dsp.SAMPLE_RATE  # the corpus stores 16 kHz int16 PCM
 
-# A small vocoder for the 16 kHz corpus, the `model.hift` section of configs/tiny.yaml: one 5x
-# upsampling and a wide iSTFT (n_fft 256, hop 64) give 320 samples per 50 Hz mel frame. Most of
-# the waveform comes from the iSTFT rather than from upsampling convolutions (iSTFTNet's and
-# Vocos's observation): in 480 steps it reaches a mel L1 of 0.58 where the release's
-# upsampling to a 4-sample hop reaches 0.85, at 60% of the step time.
-TINY_16K_HIFT: dict[str, Any] = dict(
-    sampling_rate=16000, upsample_rates=(5,), upsample_kernel_sizes=(11,), n_fft=256, hop_len=64,
-    base_channels=128, f0_cond_channels=64, source_resblock_kernel_sizes=(11,), source_resblock_dilation_sizes=((1, 3, 5),),
-)
-
 
 @dataclasses.dataclass
 class HiFTOptions:
