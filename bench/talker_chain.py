@@ -27,6 +27,8 @@ from hellochat_jax.pipelines import evaluate
 from hellochat_jax.pipelines.chat import talker_from_folder
 from hellochat_jax.pipelines.talker import flow_mel
 
+LINKS = ("truth", "vocoder", "flow", "talker")
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,9 +37,13 @@ def main() -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--num", type=int, default=40)
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--links", default="truth,vocoder,flow,talker", help="which rows to measure (comma-separated)")
+    p.add_argument("--links", default=",".join(LINKS), help="which rows to measure (comma-separated)")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args()
+    links = args.links.split(",")
+    unknown = [name for name in links if name not in LINKS]
+    if unknown:
+        p.error(f"--links: unknown {', '.join(unknown)} (choose from {', '.join(LINKS)})")
 
     mesh = shd.make_mesh()
     bundle = load_model_folder(args.model, mesh)
@@ -82,7 +88,7 @@ def main() -> None:
              "talker": lambda: speak(texts)}
     asr = pipeline.INSTRUCTIONS["asr"][0]
     rows = []
-    for name in args.links.split(","):
+    for name in links:
         make = chain[name]
         t0 = time.perf_counter()
         clips = make()
