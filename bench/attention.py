@@ -9,6 +9,10 @@ Shapes: the train bench's tiny and mid models (8 x 256 tokens) and the Qwen2.5-0
 
 from __future__ import annotations
 
+from hellochat_jax.core.host_memory import reuse_freed_memory
+
+reuse_freed_memory()  # first, before any thread allocates; ours and the reference share the process
+
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -17,6 +17,10 @@ its 28 layers (memory); the per-token thinker time scales with layers, the table
 
 from __future__ import annotations
 
+from hellochat_jax.core.host_memory import reuse_freed_memory
+
+reuse_freed_memory()  # first, before any thread allocates; ours and the reference share the process
+
 import argparse
 import collections
 import os

@@ -16,6 +16,10 @@ log) it prints how many times faster the pipeline produces batches than training
 
 from __future__ import annotations
 
+from hellochat_jax.core.host_memory import reuse_freed_memory
+
+reuse_freed_memory()  # first, before any thread allocates; ours and the reference share the process
+
 import argparse
 import json
 import os

@@ -12,6 +12,10 @@ else that file's plain-torch transcription of the same forward pass; the run say
 
 from __future__ import annotations
 
+from hellochat_jax.core.host_memory import reuse_freed_memory
+
+reuse_freed_memory()  # first, before any thread allocates; ours and the reference share the process
+
 import argparse
 import json
 import os

@@ -15,6 +15,10 @@ the run says so and times ours alone. `--long N` also times one N-second row (th
 
 from __future__ import annotations
 
+from hellochat_jax.core.host_memory import reuse_freed_memory
+
+reuse_freed_memory()  # first, before any thread allocates; ours and the reference share the process
+
 import argparse
 import importlib.util
 import json

@@ -20,6 +20,10 @@ Timed runs of ours and the reference alternate so both see the same machine load
 
 from __future__ import annotations
 
+from hellochat_jax.core.host_memory import reuse_freed_memory
+
+reuse_freed_memory()  # first, before any thread allocates; ours and the reference share the process
+
 import argparse
 import json
 import os

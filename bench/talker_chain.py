@@ -11,6 +11,10 @@ on held-out replies heard through more and more of the talker.
 
 from __future__ import annotations
 
+from hellochat_jax.core.host_memory import reuse_freed_memory
+
+reuse_freed_memory()  # first, before any thread allocates; ours and the reference share the process
+
 import argparse
 import time
 

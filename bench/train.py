@@ -16,14 +16,19 @@ README-ready table with the date and this run's measured matmul peak.
 
 from __future__ import annotations
 
+from hellochat_jax.core.host_memory import reuse_freed_memory
+
+reuse_freed_memory()  # first, before any thread allocates; ours and the reference share the process
+
 import os
 
 import sys  # noqa: E402
 
 from common import profile_dump_flags  # noqa: E402
 
-# one device: the whole CPU
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1" + (profile_dump_flags() if "--profile" in sys.argv else "")
+# one device: the whole CPU (XLA flags already in the environment are kept, for trying them)
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1"
+                           + (profile_dump_flags() if "--profile" in sys.argv else ""))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402

@@ -9,6 +9,7 @@ import importlib
 import sys
 
 from hellochat_jax.core.errors import UserError
+from hellochat_jax.core.host_memory import reuse_freed_memory
 
 # subcommand -> (module with add_arguments(parser) and main(args) -> int, help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -42,6 +43,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    reuse_freed_memory()  # before a subcommand's imports start threads
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     module = importlib.import_module(args._module)
