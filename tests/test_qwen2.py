@@ -102,7 +102,7 @@ def test_parameters_are_laid_out_by_the_rules(tmp_path):
 
 
 # 70 tokens: the prefill runs its attention in query blocks (causal_attention)
-@pytest.mark.parametrize("name,prompt_len", [("odd-heads-1kv", 7), ("gqa-tied", 7), ("gqa-tied", 70)])
+@pytest.mark.parametrize("name,prompt_len", [("odd-heads-1kv", 7), ("gqa-tied", 7), ("gqa-tied", 150)])
 def test_greedy_generation_is_token_exact_with_transformers(tmp_path, name, prompt_len):
     path, ref = make_hf_model(tmp_path, name, seed=3)
     mesh = full_mesh(2, 2, 2)
@@ -119,7 +119,7 @@ def test_left_padded_rows_generate_as_if_alone(tmp_path):
     path, _ = make_hf_model(tmp_path, "gqa-tied", seed=4)
     mesh = single_device_mesh()
     _, model = hf_qwen2.load(path, mesh, precision="highest")
-    rows = [[5, 9, 13, 2, 7, 8, 21], [44, 3, 17], list(range(1, 60))]  # 60 tokens: a blocked prefill
+    rows = [[5, 9, 13, 2, 7, 8, 21], [44, 3, 17], list(range(1, 100))]  # 99 tokens: a blocked prefill
     ids, mask = left_pad(rows, multiple=8)
     batched, _ = generate(model, ids, mask, max_new_tokens=6, mesh=mesh)
     for i, row in enumerate(rows):
@@ -378,7 +378,7 @@ def test_blocked_causal_attention_equals_full_attention_and_its_gradient():
     row that attends to something it is the full masked attention, values and gradients."""
     from hellochat_jax.components.qwen2.model import causal_attention, grouped_attention
 
-    b, t, h, kvh, d = 2, 100, 6, 2, 8  # 100 = 3 blocks of 32 + a partial one
+    b, t, h, kvh, d = 2, 150, 6, 2, 8  # 150 = 2 blocks of 64 + a partial one
     ks = jax.random.split(jax.random.key(0), 4)
     q, k, v = (jax.random.normal(kk, (b, t, n, d)) for kk, n in zip(ks, (h, kvh, kvh)))
     segment = np.ones((b, t), np.int32)
