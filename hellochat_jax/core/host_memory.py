@@ -23,7 +23,6 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_INT_MAX = 2**31 - 1
 
 _done = False
 
@@ -45,6 +44,6 @@ def reuse_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # One arena (the main one: it grows without the 64 MB heap cap of thread arenas), no
-    # mmap-served blocks, and freed memory at the top of the heap kept up to 2 GiB.
-    _done = all(mallopt(p, v) == 1 for p, v in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX)))
+    # mmap-served blocks, and no trimming (-1) of freed memory at the top of the heap.
+    _done = all(mallopt(p, v) == 1 for p, v in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
     return _done
