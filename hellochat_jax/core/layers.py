@@ -41,7 +41,7 @@ def dense(x: jax.Array, kernel: jax.Array, precision: jax.lax.Precision | None =
     or the [tokens, vocab] logits gradient), once per projection. Here x is transposed
     instead, behind an optimization barrier so XLA keeps that choice: x is the narrower
     operand more often, and q/k/v (and gate/up) share one transpose of their common input.
-    1.2-1.3x faster train steps on 2 CPU cores (bench/train.py; docs/performance.md).
+    Train steps 1.1-1.3x faster on 2 CPU cores (bench/train.py; docs/performance.md).
     """
     return jnp.dot(x, kernel, precision=precision)
 
