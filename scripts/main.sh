@@ -37,7 +37,7 @@ run = sys.argv[1]
 table = {**json.load(open(f"{run}/eval_understand.json"))["metrics"], **json.load(open(f"{run}/eval_tts.json"))["metrics"]}
 print("held-out (test split):")
 for name in ("wer", "cer", "emotion_accuracy", "events_f1", "reply_word_accuracy", "tts_wer", "tts_wer_floor",
-             "tts_wer_noise", "style_accuracy"):
+             "tts_wer_noise", "style_accuracy", "style_accuracy_floor"):
     value = table.get(name)
     print(f"{name} {value:.3f}" if isinstance(value, (int, float)) else f"{name} n/a")
 PY

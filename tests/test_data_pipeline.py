@@ -126,8 +126,10 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(tiny_corpus):  # noqa: F8
     assert {P.TASK_IDS[t] for t in ("asr", "qa")} <= tasks_seen
 
 
-def test_audio_placeholders_match_the_clips(tiny_corpus):  # noqa: F811
-    cfg = make_cfg(tiny_corpus)
+@pytest.mark.parametrize("subsample", [5, 3])
+def test_audio_placeholders_match_the_clips(tiny_corpus, subsample):  # noqa: F811
+    # one placeholder per row the model's adapter makes (5 Hz at the release's subsample 5)
+    cfg = make_cfg(tiny_corpus, audio_subsample=subsample)
     chat = P._chat_tokens(P.tokenizer_path(cfg))
     for batch in take(P.make_iterator(cfg, process_index=0, process_count=1), 6):
         for row in range(cfg.batch_size):
@@ -135,7 +137,7 @@ def test_audio_placeholders_match_the_clips(tiny_corpus):  # noqa: F811
             runs = [int((ids[b + 1 : e] == chat.audio).sum()) for b, e in
                     zip(np.flatnonzero(ids == chat.audio_bos), np.flatnonzero(ids == chat.audio_eos))]  # fmt: skip
             lengths = batch["audio_lengths"][row]
-            assert runs == [P.num_audio_tokens(int(n)) for n in lengths if n > 0]
+            assert runs == [P.num_audio_tokens(int(n), subsample) for n in lengths if n > 0]
             assert int((ids == chat.audio).sum()) == sum(runs)
             for a, n in enumerate(lengths):
                 assert not batch["audio"][row, a, n:].any()
@@ -323,3 +325,20 @@ def test_spoken_replies_start_with_the_style_that_fits_the_speakers_emotion(tiny
     assert messages[-1].parts == (with_style(ex.reply, synth.STYLE_FOR_EMOTION[ex.emotion]),)
     plain = P.build_messages(ex, "qa", np.random.default_rng(0), make_cfg(tiny_corpus, reply_style=False), counts)
     assert plain[-1].parts == (ex.reply,)
+
+
+def test_reply_emotion_samples_ask_how_the_spoken_reply_sounds():
+    """reply_emotion_p: an emotion sample may ask about the assistant's spoken reply, answered
+    with the emotion its style realises (what the style evaluation asks of the talker's speech)."""
+    from hellochat_jax.data import synth
+
+    audio, reply = np.ones(8000, np.float32), np.full(9000, 0.5, np.float32)
+    ex = P.Example(id="x", audio=audio, transcript="t", emotion="angry", events=("music",), caption="c",
+                   reply="r", reply_audio=reply, context=[],
+                   speech_tokens=np.zeros(0, np.int32), reply_speech_tokens=np.zeros(0, np.int32))
+    counts = dict.fromkeys(P.COUNTERS, 0)
+    always = P.build_messages(ex, "emotion", np.random.default_rng(0), P.DataConfig(reply_emotion_p=1.0), counts)
+    assert always[-2].parts[0].samples is reply
+    assert always[-1].parts == (synth.STYLE_EMOTION[synth.STYLE_FOR_EMOTION["angry"]],)
+    never = P.build_messages(ex, "emotion", np.random.default_rng(0), P.DataConfig(), counts)
+    assert never[-2].parts[0].samples is audio and never[-1].parts == ("angry",)

@@ -53,3 +53,29 @@ def test_tokenizer_and_model_must_agree(tmp_path, tiny_corpus):  # noqa: F811
     raw["data"]["corpus"]["batch_size"] = 4
     with pytest.raises(ConfigError, match="set data.batch_size instead"):
         train_config.check_static(from_dict(train_config.TrainConfig, raw))
+
+
+@pytest.mark.parametrize("subsample", [5, 3])
+def test_the_data_gives_the_adapter_one_placeholder_per_row_it_makes(tmp_path, tiny_corpus, subsample):  # noqa: F811
+    # model.adapter.subsample alone sets the thinker's audio rate; the corpus's prompts follow it
+    import numpy as np
+
+    from hellochat_jax.components.midashenglm.model import audio_token_counts
+    from hellochat_jax.data import pipeline
+    from hellochat_jax.train import corpus
+    from hellochat_jax.train.model import model_config
+
+    cfg = from_dict(train_config.TrainConfig, corpus_config(tmp_path, tiny_corpus, adapter={"subsample": subsample}))
+    data_cfg = corpus.pipeline_config(cfg)
+    assert data_cfg.audio_subsample == subsample
+    thinker = model_config(cfg.model, ("thinker",)).thinker
+    assert thinker.subsample_factor == subsample
+    batch = next(pipeline.make_iterator(data_cfg, process_index=0, process_count=1))
+    placeholders = (batch["input_ids"] == cfg.model.audio_token_id).sum(axis=1)
+    rows = np.asarray(audio_token_counts(batch["audio_lengths"].reshape(-1), thinker)).reshape(batch["audio_lengths"].shape).sum(axis=1)
+    np.testing.assert_array_equal(placeholders, rows)
+
+    raw = corpus_config(tmp_path, tiny_corpus)
+    raw["data"]["corpus"]["audio_subsample"] = 3
+    with pytest.raises(ConfigError, match="set model.adapter.subsample instead"):
+        corpus.pipeline_config(from_dict(train_config.TrainConfig, raw))

@@ -38,6 +38,11 @@ def pipeline_config(cfg: TrainConfig, process_count: int = 1):
         if key in fields:
             raise ConfigError(f"data.corpus.{key}: set data.{key} instead (data.batch_size is the global batch)")
     fields.setdefault("seed", cfg.seed)
+    # placeholders per clip follow the model's adapter (the model splices exactly that many rows)
+    adapter = cfg.model.adapter or {}
+    if "audio_subsample" in fields:
+        raise ConfigError("data.corpus.audio_subsample: set model.adapter.subsample instead (the data follows the model)")
+    fields["audio_subsample"] = int(adapter.get("subsample", 5))
     try:
         return from_dict(pipeline.DataConfig, {**fields, "batch_size": cfg.data.batch_size // process_count,
                                                "seq_len": cfg.data.seq_len}, where="data.corpus")

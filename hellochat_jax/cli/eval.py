@@ -7,6 +7,7 @@
     hellochat eval tts --model model/ [--recognizer other_model/] [--json out.json]
         the talker, heard by a recogniser thinker (default: the folder's own): tts_wer, tts_cer,
         tts_wer_floor (the corpus's recordings), tts_wer_noise (white noise), style_accuracy
+        (and style_accuracy_floor, the same on the corpus's recordings)
 
 Metrics print one `name value` per line; --json writes them with the number of records used.
 """

@@ -91,7 +91,8 @@ def main(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(tokenizer_folder(args.tokenizer, loaded, args.model))
     # The model's own convention first: a model trained without a system prompt is asked without one.
     system = next(s for s in (args.system, loaded.system, DEFAULT_SYSTEM) if s is not None)
-    processor = MiDashengLMProcessor(tokenizer, audio_token_id=cfg.audio_token_id, system=system or None)
+    processor = MiDashengLMProcessor(tokenizer, audio_token_id=cfg.audio_token_id, system=system or None,
+                                     subsample=cfg.subsample_factor)
     prompts = args.prompt or [DEFAULT_PROMPT]
     sampling = sampling_from_args(args)
     key = jax.random.key(args.seed)

@@ -42,7 +42,7 @@ from hellochat_jax.core.errors import UserError
 SAMPLE_RATE = 16_000
 HOP = 160  # samples per mel frame (10 ms)
 FRAMES_PER_PATCH = 4  # one encoder output per 40 ms
-PATCHES_PER_TOKEN = 5  # the adapter stacks 5 encoder outputs into one thinker token (5 Hz)
+PATCHES_PER_TOKEN = 5  # the release's adapter stacks 5 encoder outputs into one thinker token (5 Hz)
 
 
 class AudioError(UserError):
@@ -52,16 +52,18 @@ class AudioError(UserError):
 # ============================================================================ audio in
 
 
-def num_audio_tokens(num_samples: int) -> int:
+def num_audio_tokens(num_samples: int, subsample: int = PATCHES_PER_TOKEN) -> int:
     """Thinker tokens for ``num_samples`` of 16 kHz audio: mel frames (centre-padded STFT)
-    -> 40 ms patches -> groups of 5. Matches the audio_valid rows of the reference."""
-    return ((1 + int(num_samples) // HOP) // FRAMES_PER_PATCH) // PATCHES_PER_TOKEN
+    -> 40 ms patches -> groups of ``subsample`` (the adapter's; 5 in the release). Matches the
+    audio_valid rows of the reference. Prompts must be built with the model's own subsample:
+    the model splices exactly this many audio rows over the placeholders."""
+    return ((1 + int(num_samples) // HOP) // FRAMES_PER_PATCH) // subsample
 
 
-def min_samples() -> int:
-    """The fewest 16 kHz samples that yield one audio token (3040 = 0.19 s)."""
+def min_samples(subsample: int = PATCHES_PER_TOKEN) -> int:
+    """The fewest 16 kHz samples that yield one audio token (3040 = 0.19 s at subsample 5)."""
     # 1 + n // 160 >= 4 * 5  <=>  n >= 19 * 160
-    return (FRAMES_PER_PATCH * PATCHES_PER_TOKEN - 1) * HOP
+    return (FRAMES_PER_PATCH * subsample - 1) * HOP
 
 
 def _where(source: str | os.PathLike | None) -> str:

@@ -126,6 +126,9 @@ class DataConfig:
     system_prompt: str = ""
     speech_text_len: int = 64
     speech_token_len: int = 256  # 25 Hz speech tokens: ~10 s
+    # the thinker's adapter: encoder outputs per audio token (placeholders per clip follow it;
+    # training sets it from model.adapter.subsample, evaluation from the model folder)
+    audio_subsample: int = 5
     max_speech_seconds: float = 8.0
     # > 0: each clip also carries the text tokens of what is said in it (its transcript), for
     # an auxiliary CTC loss on the audio encoder; 0 = off
@@ -139,6 +142,10 @@ class DataConfig:
     # utterance: the recogniser then also knows the talker's sentences and voice (the
     # Seed-TTS-Eval style evaluation transcribes replies with the thinker)
     reply_asr_p: float = 0.0
+    # probability that an emotion sample asks how the spoken reply sounds (the emotion its style
+    # realises, synth.STYLE_EMOTION): the style evaluation asks the thinker exactly that about
+    # the talker's speech, and the reply voice is not among the users' voices
+    reply_emotion_p: float = 0.0
     read_threads: int = 2  # threads per process for the per-record stages (decode, tokenize)
     workers: int = 0  # prefetch processes; 0 = everything in the calling process
     worker_buffer_size: int = 2
@@ -352,8 +359,8 @@ def choose_task(ex: Example, mixture: Mixture, rng: np.random.Generator) -> str 
     return tasks[int(rng.choice(len(tasks), p=w / w.sum()))]
 
 
-def _clip(samples: np.ndarray) -> AudioPart:
-    return AudioPart(samples, num_audio_tokens(len(samples)))
+def _clip(samples: np.ndarray, subsample: int) -> AudioPart:
+    return AudioPart(samples, num_audio_tokens(len(samples), subsample))
 
 
 def build_messages(
@@ -371,7 +378,7 @@ def build_messages(
                 counts["text_spans"] += 1
                 if rng.random() < cfg.text_to_audio_q:
                     counts["text_to_audio"] += 1
-                    messages.append(Message("user", (_clip(turn.audio),)))
+                    messages.append(Message("user", (_clip(turn.audio, cfg.audio_subsample),)))
                     continue
             messages.append(Message(turn.role, (turn.text,)))
         counts["audio_spans"] += 1
@@ -379,7 +386,7 @@ def build_messages(
             counts["audio_to_text"] += 1
             question: tuple = (ex.transcript,)
         else:
-            question = (_clip(ex.audio),)
+            question = (_clip(ex.audio, cfg.audio_subsample),)
         style = STYLE_FOR_EMOTION.get(ex.emotion) if cfg.reply_style else None
         return messages + [Message("user", question), Message("assistant", (with_style(ex.reply, style),))]
     if task == "tts":
@@ -387,8 +394,14 @@ def build_messages(
         return messages + [Message("user", (pick(INSTRUCTIONS["tts"]) + text,)), Message("assistant", (text,))]
     if task == "asr" and ex.reply and ex.reply_audio.size and rng.random() < cfg.reply_asr_p:
         return messages + [
-            Message("user", (_clip(ex.reply_audio), pick(INSTRUCTIONS["asr"]))),
+            Message("user", (_clip(ex.reply_audio, cfg.audio_subsample), pick(INSTRUCTIONS["asr"]))),
             Message("assistant", (ex.reply,)),
+        ]
+    reply_style = STYLE_FOR_EMOTION.get(ex.emotion) if ex.reply_audio.size else None
+    if task == "emotion" and reply_style in STYLE_EMOTION and cfg.reply_emotion_p > 0 and rng.random() < cfg.reply_emotion_p:
+        return messages + [
+            Message("user", (_clip(ex.reply_audio, cfg.audio_subsample), pick(INSTRUCTIONS["emotion"]))),
+            Message("assistant", (STYLE_EMOTION[reply_style],)),
         ]
     answer = {
         "asr": ex.transcript,
@@ -397,7 +410,7 @@ def build_messages(
         "caption": ex.caption,
     }[task]
     return messages + [
-        Message("user", (_clip(ex.audio), pick(INSTRUCTIONS[task]))),
+        Message("user", (_clip(ex.audio, cfg.audio_subsample), pick(INSTRUCTIONS[task]))),
         Message("assistant", (answer,)),
     ]
 
@@ -465,7 +478,7 @@ class MakeSample(grain.transforms.RandomMap):
             too_long.append(f"{len(enc.clips)} clips > max_clips {cfg.max_clips}")
         if any(len(c) > cfg.max_audio_samples for c in enc.clips):
             too_long.append(f"a clip is longer than max_audio_seconds {cfg.max_audio_seconds}")
-        if any(num_audio_tokens(len(c)) == 0 for c in enc.clips):
+        if any(num_audio_tokens(len(c), cfg.audio_subsample) == 0 for c in enc.clips):
             return Skipped("bad_records", f"record {ex.id!r}: audio too short for one audio token")
 
         ids = np.asarray(enc.ids, np.int32)

@@ -341,7 +341,8 @@ class ChatPipeline:
         if self.has_audio:
             # A conversation's answer must not depend on its batch-mates' loudness.
             midashenglm.with_encoder_options(thinker, top_db_per_sample=True)
-        self.processor = MiDashengLMProcessor(tokenizer, audio_token_id=thinker.cfg.audio_token_id, system=None) if self.has_audio else None
+        self.processor = MiDashengLMProcessor(tokenizer, audio_token_id=thinker.cfg.audio_token_id, system=None,
+                                              subsample=thinker.cfg.subsample_factor) if self.has_audio else None
         self.stop_ids = tuple(sorted(set(stop_ids if stop_ids is not None else _default_stop_ids(tokenizer))))
         self.max_context = int(max_context or thinker.cfg.text.max_position_embeddings)
         self.speech_sampling, self.speech_max_ratio = speech_sampling, speech_max_ratio

@@ -25,6 +25,7 @@ ASR instruction:
     tts_wer_noise     the recogniser on white noise of that recording's length and loudness
     style_accuracy    the recogniser's emotion (the corpus's emotion instruction) on the talker's
                       speech against synth.STYLE_EMOTION[style] (when synth has both tables)
+    style_accuracy_floor  the same on the corpus's own recordings of those replies
 
 Batches have a fixed row count (the last one padded with copies); a batch's prompt length and
 audio length are bucketed (16 tokens, 1 s), or fixed by the caller for one compilation.
@@ -174,11 +175,11 @@ def understanding_prompts(records: Sequence[Record], tasks: Sequence[str], chat:
     return out
 
 
-def audio_prompt(chat: ChatTokens, clip: np.ndarray, instruction: str, system: str = "") -> Prompt:
+def audio_prompt(chat: ChatTokens, clip: np.ndarray, instruction: str, system: str = "", *, subsample: int) -> Prompt:
     """One clip and an instruction, laid out as `build_messages` lays out the asr / emotion /
-    events tasks (clip first, then the instruction)."""
+    events tasks (clip first, then the instruction); `subsample` is the thinker's adapter's."""
     messages = [Message("system", (system,))] if system else []
-    messages.append(Message("user", (pipeline._clip(np.asarray(clip, np.float32)), instruction)))
+    messages.append(Message("user", (pipeline._clip(np.asarray(clip, np.float32), subsample), instruction)))
     return _prompt(chat, messages)
 
 
@@ -337,7 +338,7 @@ def recognize(thinker, chat: ChatTokens, clips: Sequence[np.ndarray], instructio
     """The thinker's answer to `instruction` about each clip ("" for an empty clip). Clips are
     batched shortest first, so a batch pads little."""
     order = sorted((i for i, c in enumerate(clips) if len(c)), key=lambda i: len(clips[i]))
-    prompts = [audio_prompt(chat, clips[i], instruction, system) for i in order]
+    prompts = [audio_prompt(chat, clips[i], instruction, system, subsample=thinker.cfg.subsample_factor) for i in order]
     texts = decode(thinker, chat, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, mesh=mesh, progress=progress)
     out = [""] * len(clips)
     for i, text in zip(order, texts):
@@ -363,7 +364,7 @@ def evaluate_speech(
     truth = [r.example.reply_audio for r in records]
     to_style = style_emotion()
     styled = [i for i, s in enumerate(styles) if s and to_style and s in to_style]
-    n_recognize = 3 * len(records) + len(styled)
+    n_recognize = 3 * len(records) + 2 * len(styled)
     options = {"system": system, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "mesh": mesh}
     asr = pipeline.INSTRUCTIONS["asr"][0]
     with tqdm(total=len(records), desc="speaking", unit="reply", disable=not progress) as bar:
@@ -375,8 +376,12 @@ def evaluate_speech(
         out["tts_wer_floor"] = wer(texts, recognize(recognizer, chat, truth, asr, progress=bar.update, **options))
         out["tts_wer_noise"] = wer(texts, recognize(recognizer, chat, noise_like(truth), asr, progress=bar.update, **options))
         if styled:
-            heard = recognize(recognizer, chat, [speech[i] for i in styled], pipeline.INSTRUCTIONS["emotion"][0], progress=bar.update, **options)
-            out["style_accuracy"] = float(np.mean([normalize(h) == normalize(to_style[styles[i]]) for h, i in zip(heard, styled)]))
+            ask = pipeline.INSTRUCTIONS["emotion"][0]
+            right = lambda clips: float(np.mean([normalize(h) == normalize(to_style[styles[i]])  # noqa: E731
+                                                 for h, i in zip(recognize(recognizer, chat, clips, ask, progress=bar.update, **options), styled)]))
+            out["style_accuracy"] = right([speech[i] for i in styled])
+            # the same recogniser on the corpus's own recordings of those replies: the best a talker can score
+            out["style_accuracy_floor"] = right([truth[i] for i in styled])
     return out
 
 
@@ -427,7 +432,8 @@ def understand_folder(folder: str, *, dataset: str = "hellochat_synth", split: s
     mesh = mesh if mesh is not None else shd.make_mesh()
     thinker = thinker_from_folder(load_model_folder(folder, mesh))
     records = load_records(dataset, split, num, data_dir)
-    cfg = pipeline.DataConfig(dataset=dataset, split=split, system_prompt=thinker.system)
+    cfg = pipeline.DataConfig(dataset=dataset, split=split, system_prompt=thinker.system,
+                              audio_subsample=thinker.model.cfg.subsample_factor)
     prompts = understanding_prompts(records, UNDERSTAND_TASKS, thinker.chat, cfg)
     total = sum(len(rows) for rows in prompts.values())
     if not total:

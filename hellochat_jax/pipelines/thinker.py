@@ -5,7 +5,8 @@ A conversation is a list of turns ``{"role": "system" | "user" | "assistant", "c
 content is a string or a list of parts ``{"type": "text", "text": str}`` and
 ``{"type": "audio", "audio": path | np.ndarray (16 kHz mono)}``. It renders in the Qwen2.5
 chat format; each clip becomes ``<|audio_bos|>`` + N x ``<|AUDIO|>`` + ``<|audio_eos|>`` with
-N = ``num_audio_tokens(samples)`` (5 per second of audio).
+N = ``num_audio_tokens(samples, subsample)`` (5 per second of audio with the release's adapter,
+which stacks 5 encoder frames; pass the model's ``subsample_factor``).
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ def user_turn(text: str | None, audio: str | os.PathLike | np.ndarray) -> dict[s
 
 
 class MiDashengLMProcessor:
-    def __init__(self, tokenizer, *, audio_token_id: int | None = None, system: str | None = DEFAULT_SYSTEM):
+    def __init__(self, tokenizer, *, audio_token_id: int | None = None, system: str | None = DEFAULT_SYSTEM,
+                 subsample: int = audio_io.PATCHES_PER_TOKEN):
         self.tokenizer = tokenizer
         self.system = system
+        self.subsample = subsample
         ids = {}
         for tok in (AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS, "<|im_start|>", "<|im_end|>"):
             tid = tokenizer.convert_tokens_to_ids(tok)
@@ -97,7 +100,7 @@ class MiDashengLMProcessor:
         out, k = [], 0
         for tid in ids:
             if tid == self.audio_token_id:
-                out.extend([tid] * audio_io.num_audio_tokens(len(clips[k])))
+                out.extend([tid] * audio_io.num_audio_tokens(len(clips[k]), self.subsample))
                 k += 1
             else:
                 out.append(tid)
