@@ -3,6 +3,7 @@ processor, generation and `hellochat understand`. The midashenglm-tiny fixture i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -183,6 +184,17 @@ def test_batch_of_conversations_with_several_clips(tokenizer):
     assert batch.input_ids.shape[1] % 16 == 0
     assert (batch.attention_mask[:, -1] == 1).all()  # left-padded for generation
     check_placeholders(batch.input_ids, batch.lengths, tiny_config(audio_token_id=processor.audio_token_id))
+
+
+def test_placeholders_follow_the_adapters_rate(tokenizer):
+    # an adapter that stacks 3 encoder frames makes 8.3 audio tokens a second; the prompt holds as many
+    processor = MiDashengLMProcessor(tokenizer, subsample=3)
+    batch = processor([[user_turn("What is this?", sine(3.0))]])
+    assert int((batch.input_ids == processor.audio_token_id).sum()) == audio.num_audio_tokens(48_000, 3) == 25
+    cfg = tiny_config(audio_token_id=processor.audio_token_id)
+    check_placeholders(batch.input_ids, batch.lengths, dataclasses.replace(cfg, subsample_factor=3))
+    with pytest.raises(ValueError, match="yield 15 audio token"):
+        check_placeholders(batch.input_ids, batch.lengths, cfg)
 
 
 def test_processor_refuses_bad_audio_and_text_placeholders(tokenizer, tmp_path):
