@@ -274,6 +274,17 @@ def test_key_noise_is_seeded_and_shapes_follow_the_inputs():
     assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
 
 
+def test_noise_temperature_scales_the_start_noise():
+    # the reference CFM's `temperature`: z = noise * temperature, the rest unchanged
+    calm = tiny_model(tiny_config(noise_temperature=0.5))
+    plain = tiny_model(tiny_config())
+    batch = rows(3, [7, 4], [2, 0], 7, 2, plain.cfg)
+    noise = np.random.default_rng(0).standard_normal((1, 40, MEL)).astype(np.float32)
+    got, _ = jit_inference(calm)(**batch, noise=noise)
+    want, _ = jit_inference(plain)(**batch, noise=0.5 * noise)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 def test_bad_inference_inputs_are_refused():
     cfg = tiny_config()
     model = tiny_model(cfg)

@@ -86,6 +86,9 @@ class FlowConfig:
     training_cfg_rate: float = 0.2
     inference_cfg_rate: float = 0.7
     n_timesteps: int = 10  # hard-coded in the reference's inference
+    # scale of the start noise (the reference CFM's `temperature`, 1.0 in its inference); a tiny
+    # flow trained for minutes is heard better from calmer noise (README, talker table)
+    noise_temperature: float = 1.0
     dtype: str = "float32"
     param_dtype: str = "float32"
     precision: str | None = None
@@ -521,6 +524,7 @@ class FlowDecoder(nnx.Module):
             noise = jax.random.normal(key, (b, n_mel, cfg.output_size), jnp.float32)
         else:
             noise = jnp.broadcast_to(noise[:, :n_mel], (b, n_mel, cfg.output_size))
+        noise = noise * cfg.noise_temperature
         mel = self.solve(noise, mu, mask, spks, cond, streaming=streaming, n_timesteps=n_timesteps)
 
         width = n_mel - n_feat
