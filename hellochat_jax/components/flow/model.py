@@ -86,8 +86,7 @@ class FlowConfig:
     training_cfg_rate: float = 0.2
     inference_cfg_rate: float = 0.7
     n_timesteps: int = 10  # hard-coded in the reference's inference
-    # scale of the start noise (the reference CFM's `temperature`, 1.0 in its inference); a tiny
-    # flow trained for minutes is heard better from calmer noise (README, talker table)
+    # scale of the start noise (the reference CFM's `temperature`, 1.0 in its inference)
     noise_temperature: float = 1.0
     dtype: str = "float32"
     param_dtype: str = "float32"
