@@ -376,12 +376,13 @@ def evaluate_speech(
         out["tts_wer_floor"] = wer(texts, recognize(recognizer, chat, truth, asr, progress=bar.update, **options))
         out["tts_wer_noise"] = wer(texts, recognize(recognizer, chat, noise_like(truth), asr, progress=bar.update, **options))
         if styled:
-            ask = pipeline.INSTRUCTIONS["emotion"][0]
-            right = lambda clips: float(np.mean([normalize(h) == normalize(to_style[styles[i]])  # noqa: E731
-                                                 for h, i in zip(recognize(recognizer, chat, clips, ask, progress=bar.update, **options), styled)]))
-            out["style_accuracy"] = right([speech[i] for i in styled])
-            # the same recogniser on the corpus's own recordings of those replies: the best a talker can score
-            out["style_accuracy_floor"] = right([truth[i] for i in styled])
+            def style_heard(clips: list[np.ndarray]) -> float:
+                heard = recognize(recognizer, chat, clips, pipeline.INSTRUCTIONS["emotion"][0], progress=bar.update, **options)
+                return float(np.mean([normalize(h) == normalize(to_style[styles[i]]) for h, i in zip(heard, styled)]))
+
+            out["style_accuracy"] = style_heard([speech[i] for i in styled])
+            # the corpus's own recordings of those replies: what this recogniser can hear at all
+            out["style_accuracy_floor"] = style_heard([truth[i] for i in styled])
     return out
 
 

@@ -100,7 +100,12 @@ class MiDashengLMProcessor:
         out, k = [], 0
         for tid in ids:
             if tid == self.audio_token_id:
-                out.extend([tid] * audio_io.num_audio_tokens(len(clips[k]), self.subsample))
+                n = audio_io.num_audio_tokens(len(clips[k]), self.subsample)
+                if n == 0:  # long enough for the release's adapter, not for this one's
+                    raise audio_io.AudioError(f"audio clip {k + 1} too short: {len(clips[k])} samples yield no audio token at "
+                                              f"{self.subsample} encoder frames per token; the minimum is "
+                                              f"{audio_io.min_samples(self.subsample)} samples")
+                out.extend([tid] * n)
                 k += 1
             else:
                 out.append(tid)
