@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 from hellochat_jax.train.config import TrainConfig
+from hellochat_jax.train.model import adapter_subsample
 
 from hellochat_jax.core.config import ConfigError, from_dict
 
@@ -39,10 +40,9 @@ def pipeline_config(cfg: TrainConfig, process_count: int = 1):
             raise ConfigError(f"data.corpus.{key}: set data.{key} instead (data.batch_size is the global batch)")
     fields.setdefault("seed", cfg.seed)
     # placeholders per clip follow the model's adapter (the model splices exactly that many rows)
-    adapter = cfg.model.adapter or {}
     if "audio_subsample" in fields:
         raise ConfigError("data.corpus.audio_subsample: set model.adapter.subsample instead (the data follows the model)")
-    fields["audio_subsample"] = int(adapter.get("subsample", 5))
+    fields["audio_subsample"] = adapter_subsample(cfg.model)
     try:
         return from_dict(pipeline.DataConfig, {**fields, "batch_size": cfg.data.batch_size // process_count,
                                                "seq_len": cfg.data.seq_len}, where="data.corpus")

@@ -86,19 +86,24 @@ def _tuples(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: (tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v) for k, v in fields.items()}
 
 
+def adapter_subsample(cfg: ModelConfig) -> int:
+    """Encoder frames per thinker token (`model.adapter.subsample`, 5 as in the release)."""
+    adapter = dict(cfg.adapter or {})
+    unknown = set(adapter) - {"subsample"}
+    if unknown:
+        raise config_lib.ConfigError(f"model.adapter: unknown fields {sorted(unknown)}; the adapter takes subsample")
+    return int(adapter.get("subsample", 5))
+
+
 def model_config(cfg: ModelConfig, parts: tuple[str, ...] | None = None) -> HelloChatConfig:
     """The HelloChat config of the parts named (default: every part the config has)."""
     wanted = lambda part: (parts is None or part in parts) and (part == "thinker" or getattr(cfg, part) is not None)
     thinker = None
     if wanted("thinker"):
-        adapter = dict(cfg.adapter or {})
-        unknown = set(adapter) - {"subsample"}
-        if unknown:
-            raise config_lib.ConfigError(f"model.adapter: unknown fields {sorted(unknown)}; the adapter takes subsample")
         thinker = MiDashengLMConfig(
             audio_encoder=encoder_config(cfg) if cfg.encoder is not None else None,
             text=thinker_config(cfg),
-            subsample_factor=int(adapter.get("subsample", 5)),
+            subsample_factor=adapter_subsample(cfg),
             audio_token_id=cfg.audio_token_id,
         )
     others = {p: part_config(cfg, p) for p in ("flow", "hift", "speech_tokenizer", "heads") if wanted(p)}

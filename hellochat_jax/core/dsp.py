@@ -80,16 +80,17 @@ def _check_finite(wav: np.ndarray, sample_rate: int, source: str | os.PathLike |
         )
 
 
-def validate(wav: np.ndarray, source: str | os.PathLike | None = None) -> np.ndarray:
-    """Checks a 16 kHz mono waveform for the thinker; returns it as contiguous float32."""
+def validate(wav: np.ndarray, source: str | os.PathLike | None = None, subsample: int = PATCHES_PER_TOKEN) -> np.ndarray:
+    """Checks a 16 kHz mono waveform for the thinker (whose adapter stacks `subsample` encoder
+    frames per token); returns it as contiguous float32."""
     wav = np.asarray(wav)
     if wav.ndim != 1:
         raise AudioError(f"{_where(source)}expected a mono waveform [samples], got shape {wav.shape}")
     wav = to_mono(wav, SAMPLE_RATE, source)  # samples, float dtype, finite: what any audio must pass
-    if wav.size < min_samples():
+    if wav.size < min_samples(subsample):
         raise AudioError(
             f"{_where(source)}audio too short: {wav.size} samples ({wav.size / SAMPLE_RATE:.3f} s at 16 kHz) "
-            f"yield no audio token; the minimum is {min_samples()} samples ({min_samples() / SAMPLE_RATE:.2f} s)"
+            f"yield no audio token; the minimum is {min_samples(subsample)} samples ({min_samples(subsample) / SAMPLE_RATE:.2f} s)"
         )
     return np.ascontiguousarray(wav, dtype=np.float32)
 
@@ -124,9 +125,10 @@ def resample(wav: np.ndarray, sample_rate: int, target_rate: int) -> np.ndarray:
     return librosa.resample(wav, orig_sr=sample_rate, target_sr=target_rate, res_type="soxr_hq").astype(np.float32, copy=False)
 
 
-def to_mono_16k(samples: np.ndarray, sample_rate: int, source: str | os.PathLike | None = None) -> np.ndarray:
+def to_mono_16k(samples: np.ndarray, sample_rate: int, source: str | os.PathLike | None = None,
+                subsample: int = PATCHES_PER_TOKEN) -> np.ndarray:
     """[samples] or [samples, channels] at any rate -> validated 16 kHz mono float32."""
-    return validate(resample(to_mono(samples, sample_rate, source), sample_rate, SAMPLE_RATE), source)
+    return validate(resample(to_mono(samples, sample_rate, source), sample_rate, SAMPLE_RATE), source, subsample)
 
 
 def read(path: str | os.PathLike) -> tuple[np.ndarray, int]:
@@ -149,10 +151,10 @@ def read(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     return samples, int(rate)
 
 
-def load(path: str | os.PathLike) -> np.ndarray:
-    """Reads an audio file into validated 16 kHz mono float32."""
+def load(path: str | os.PathLike, subsample: int = PATCHES_PER_TOKEN) -> np.ndarray:
+    """Reads an audio file into validated 16 kHz mono float32 (`subsample`: see validate)."""
     samples, rate = read(path)
-    return to_mono_16k(samples, rate, path)
+    return to_mono_16k(samples, rate, path, subsample)
 
 
 def load_many(paths: Sequence[str | os.PathLike]) -> list[np.ndarray]:

@@ -397,11 +397,11 @@ def build_messages(
             Message("user", (_clip(ex.reply_audio, cfg.audio_subsample), pick(INSTRUCTIONS["asr"]))),
             Message("assistant", (ex.reply,)),
         ]
-    reply_style = STYLE_FOR_EMOTION.get(ex.emotion) if ex.reply_audio.size else None
-    if task == "emotion" and reply_style in STYLE_EMOTION and cfg.reply_emotion_p > 0 and rng.random() < cfg.reply_emotion_p:
+    heard_in_reply = reply_emotion(ex) if task == "emotion" and ex.reply_audio.size and cfg.reply_emotion_p > 0 else None
+    if heard_in_reply is not None and rng.random() < cfg.reply_emotion_p:
         return messages + [
             Message("user", (_clip(ex.reply_audio, cfg.audio_subsample), pick(INSTRUCTIONS["emotion"]))),
-            Message("assistant", (STYLE_EMOTION[reply_style],)),
+            Message("assistant", (heard_in_reply,)),
         ]
     answer = {
         "asr": ex.transcript,
@@ -429,6 +429,11 @@ def _load_chat_tokens(path: str) -> ChatTokens:
     return ChatTokens(load_tokenizer(path))
 
 
+def reply_emotion(ex: Example) -> str | None:
+    """The emotion the reply's style realises (synth.STYLE_EMOTION), None where it has none."""
+    return STYLE_EMOTION.get(STYLE_FOR_EMOTION.get(ex.emotion))
+
+
 def clip_labels(ex: Example, clips: list[np.ndarray]) -> dict[str, np.ndarray]:
     """Each clip's emotion (index into synth.EMOTIONS) and background events (multi-hot over
     synth.EVENTS); -1 where unknown. Context turns are spoken by the same speaker in the same
@@ -440,13 +445,13 @@ def clip_labels(ex: Example, clips: list[np.ndarray]) -> dict[str, np.ndarray]:
     quiet = np.asarray([int(e == "silence") for e in EVENTS], np.int32)
     out_emotion = np.full(len(clips), -1, np.int32)
     out_events = np.full((len(clips), len(EVENTS)), -1, np.int32)
-    style = STYLE_FOR_EMOTION.get(ex.emotion)
-    reply_emotion = EMOTIONS.index(STYLE_EMOTION[style]) if style else -1
+    in_reply = reply_emotion(ex)
+    reply_index = EMOTIONS.index(in_reply) if in_reply else -1
     for i, clip in enumerate(clips):
         if clip is ex.audio:
             out_emotion[i], out_events[i] = emotion, events
         elif clip is ex.reply_audio:  # the assistant's voice, in the style it answered with
-            out_emotion[i], out_events[i] = reply_emotion, quiet
+            out_emotion[i], out_events[i] = reply_index, quiet
         elif any(t.audio is clip for t in ex.context):
             out_emotion[i], out_events[i] = emotion, quiet
     return {"clip_emotion": out_emotion, "clip_events": out_events}
