@@ -385,3 +385,36 @@ def test_sharded_equals_unsharded():
     np.testing.assert_allclose(mel, expected[0], atol=2e-5)
     np.testing.assert_allclose(float(loss), float(expected[1]), rtol=1e-5)
     np.testing.assert_allclose(aux["pred"], expected[2]["pred"], atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- the flow stage's objective
+
+
+@pytest.mark.parametrize("prior_weight", [0.0, 0.5])
+def test_the_prior_loss_adds_the_encoders_mel_error_with_its_weight(prior_weight):
+    """train/flow_stage.py: loss = (flow-matching sum + prior_weight x sum over valid frames of
+    (mu - target mel)^2) / the step's frame-bins; the prior term is reported either way."""
+    import types
+
+    from hellochat_jax.components.hift.model import log_mel
+    from hellochat_jax.train import flow_stage
+
+    cfg = tiny_config()
+    model = types.SimpleNamespace(flow=tiny_model(cfg))
+    mel = dict(rate=16000, n_fft=1280, hop=320, n_mels=MEL, fmin=0.0, fmax=8000.0)
+    data = types.SimpleNamespace(flow=cfg, mel=mel, opts=flow_stage.FlowOptions(max_tokens=8, prior_weight=prior_weight))
+    objective = flow_stage.FlowObjective(None, data)
+    rng = np.random.default_rng(0)
+    micro = {"token": jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 8)), jnp.int32),
+             "token_len": jnp.asarray([8, 5], jnp.int32),
+             "wave": jnp.asarray(rng.normal(0, 0.1, (2, 8 * 2 * 320)), jnp.float32)}
+    norms = objective.normalizers(micro)
+    loss, stats = objective(model, micro, jax.random.key(0), norms)
+
+    mu, _ = model.flow.encode(micro["token"], micro["token_len"])
+    valid = (np.arange(16)[None, :] < 2 * np.asarray(micro["token_len"])[:, None])[..., None]
+    prior = np.sum(np.square(np.asarray(mu) - np.asarray(log_mel(micro["wave"], **mel))) * valid)
+    np.testing.assert_allclose(float(stats["prior_mse_sum"]), prior, rtol=1e-4)
+    expected = (float(stats["flow_mse_sum"]) + prior_weight * prior) / float(norms["frames"])
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
+    assert set(objective.record(jax.device_get(stats))) == {"flow_mse", "prior_mse"}

@@ -185,3 +185,29 @@ def test_stage_rows_follow_the_local_spec_and_train(tiny_corpus, vocoder):  # no
     assert np.isfinite(float(loss)) and set(record) == {"hift_stft", "hift_mel_l1", "hift_f0_l1"}
     expected = (45.0 * stats["hift_stft"] + 45.0 * stats["hift_mel_l1"] + stats["hift_f0_l1"]) / norms["hift_rows"]
     np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mel_noise", [0.0, 2.0])
+def test_mel_noise_perturbs_the_vocoders_input_by_a_per_row_std_below_it(monkeypatch, mel_noise):
+    """options.mel_noise: the vocoder reads the row's mel plus N(0, s^2), s ~ U[0, mel_noise)
+    per row and drawn from the step's key; 0 leaves the input exactly the true mel."""
+    seen = []
+
+    def vocoder_loss(hift, mel, *args, **kwargs):  # what the vocoder would read
+        seen.append(np.asarray(mel))
+        return jnp.zeros(()), {}
+
+    monkeypatch.setattr(hift_stage.losses, "vocoder_loss", vocoder_loss)
+    data = types.SimpleNamespace(options=hift_stage.HiFTOptions(mel_noise=mel_noise))
+    objective = hift_stage.HiFTObjective(None, data)
+    mel = np.random.default_rng(0).normal(-4, 2, (4, 48, 80)).astype(np.float32)
+    micro = {"mel": jnp.asarray(mel), "wave": None, "wave_length": None, "f0": None}
+    objective(types.SimpleNamespace(hift=None), micro, jax.random.key(0), {"hift_rows": 4.0})
+    objective(types.SimpleNamespace(hift=None), micro, jax.random.key(1), {"hift_rows": 4.0})
+    true = mel.transpose(0, 2, 1)
+    if mel_noise == 0:
+        np.testing.assert_array_equal(seen[0], true)
+        return
+    stds = (seen[0] - true).reshape(4, -1).std(axis=1)
+    assert np.all(stds < mel_noise) and np.ptp(stds) > 0.05  # each row its own level, all below the bound
+    assert not np.allclose(seen[0], seen[1])  # a new draw per step key

@@ -40,6 +40,10 @@ class HiFTOptions:
     f0_weight: float = 1.0
     resolutions: tuple[tuple[int, int], ...] = losses.DEFAULT_RESOLUTIONS  # (n_fft, hop) of the STFT loss
     adversarial: bool = False  # discriminators: not implemented (the reconstruction losses only)
+    # Gaussian noise on the input mel, its std drawn per row from U[0, mel_noise): the vocoder
+    # reads the flow's samples, not true mels, and a few-hundred-step flow leaves speckle in
+    # them that a vocoder trained on clean mels turns into noise (0 = the reference's clean input).
+    mel_noise: float = 0.0
 
 
 def hift_config(cfg: Any) -> HiFTConfig:
@@ -117,6 +121,7 @@ class HiFTObjective:
         o = data.options
         self.weights = losses.LossWeights(stft=o.stft_weight, mel=o.mel_weight, f0=o.f0_weight)
         self.resolutions = tuple(tuple(r) for r in o.resolutions)
+        self.mel_noise = o.mel_noise
 
     def normalizers(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """The step's rows that hold audio (batch: [accum, rows, ...])."""
@@ -125,6 +130,10 @@ class HiFTObjective:
     def __call__(self, model: Any, micro: dict[str, jax.Array], key: jax.Array,
                  norms: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         mel = jnp.swapaxes(micro["mel"], 1, 2)  # rows hold the flow's [frames, n_mels]; HiFT reads [n_mels, frames]
+        if self.mel_noise:
+            key, k_std, k_noise = jax.random.split(key, 3)
+            std = jax.random.uniform(k_std, (mel.shape[0], 1, 1), maxval=self.mel_noise)
+            mel = mel + std * jax.random.normal(k_noise, mel.shape, mel.dtype)
         return losses.vocoder_loss(model.hift, mel, micro["wave"], micro["wave_length"], micro["f0"], key, self.weights,
                                    resolutions=self.resolutions, normalizer=norms["hift_rows"])
 
