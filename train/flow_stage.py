@@ -1,7 +1,8 @@
 """The flow stage: CosyVoice 2's flow decoder (25 Hz speech tokens -> 50 Hz mel) trained from
 scratch with the conditional flow-matching loss (components/flow/model.py
 `flow_matching_loss`: the reference's draws of t, noise, CFG dropout, a random prompt-mel
-prefix as condition, chunk-causal masks half the time).
+prefix as condition, chunk-causal masks half the time), plus optionally Grad-TTS's prior loss
+on the encoder's output (`options.prior_weight`).
 
 A row is a random window of `max_tokens` speech tokens of a corpus reply and the mel frames
 they cover (2 per token), computed with the vocoder's mel settings (hift/model.py

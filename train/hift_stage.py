@@ -9,7 +9,8 @@ then compute_fbank). Clips shorter than a segment are zero-padded; `wave_length`
 padding out of every loss.
 
 The loss is `hift.losses.vocoder_loss`: multi-resolution STFT + mel L1 + F0 L1, each a per-row
-mean, summed over rows and divided by the step's rows that hold audio.
+mean, summed over rows and divided by the step's rows that hold audio. `options.mel_noise`
+perturbs the input mel (not the targets) so the vocoder learns to read imperfect flow samples.
 """
 
 from __future__ import annotations
