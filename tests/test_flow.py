@@ -418,3 +418,11 @@ def test_the_prior_loss_adds_the_encoders_mel_error_with_its_weight(prior_weight
     expected = (float(stats["flow_mse_sum"]) + prior_weight * prior) / float(norms["frames"])
     np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
     assert set(objective.record(jax.device_get(stats))) == {"flow_mse", "prior_mse"}
+
+
+def test_a_negative_prior_weight_is_refused_by_name():
+    from hellochat_jax.testing.stages import stage_config
+    from hellochat_jax.train import flow_stage
+
+    with pytest.raises(Exception, match="prior_weight"):
+        flow_stage.FlowData(stage_config("flow", "unused", 2, {"prior_weight": -1.0}))

@@ -165,6 +165,8 @@ def test_options_are_checked():
         hift_stage.HiFTData(_cfg("unused", adversarial=True))
     with pytest.raises(Exception, match="segment_frames"):
         hift_stage.HiFTData(_cfg("unused", segment_frames=0))
+    with pytest.raises(Exception, match="mel_noise"):
+        hift_stage.HiFTData(_cfg("unused", mel_noise=-1.0))
 
 
 @pytest.mark.slow

@@ -44,6 +44,7 @@ class FlowData:
 
         self.cfg = cfg
         self.opts = stages.options(cfg, STAGE) or FlowOptions()
+        stages.require(self.opts.prior_weight >= 0, f"stage flow: options.prior_weight={self.opts.prior_weight} must be >= 0")
         self.flow = part_config(cfg.model, "flow")
         stages.require(cfg.model.hift is not None, "the flow stage needs model.hift: its mel settings are the flow's targets")
         self.mel = flow_mel_settings(part_config(cfg.model, "hift"))

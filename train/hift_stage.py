@@ -87,6 +87,7 @@ class HiFTData:
         o = self.options
         stages.require(not o.adversarial, "stage hift: options.adversarial is not implemented (train with the reconstruction losses: adversarial: false)")
         stages.require(o.segment_frames >= 1, f"stage hift: options.segment_frames={o.segment_frames} must be >= 1")
+        stages.require(o.mel_noise >= 0, f"stage hift: options.mel_noise={o.mel_noise} must be >= 0 (the largest std of the noise on the input mel)")
         stages.require(bool(o.resolutions) and all(n >= h >= 1 for n, h in o.resolutions),
                        f"stage hift: options.resolutions {o.resolutions} must be (n_fft, hop) pairs with n_fft >= hop >= 1")
         stages.require(o.segment_frames * self.hift.samples_per_frame > max(n for n, _ in o.resolutions) // 2,
