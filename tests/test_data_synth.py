@@ -168,3 +168,42 @@ def test_chat_encoding_matches_the_chat_template(tiny_corpus):  # noqa: F811
             spans.append(tok.decode(current))
             current = []
     assert spans == ["How exciting. How can I help?<|im_end|>", "What should I pack?<|im_end|>"]
+
+
+def test_word_drills_are_training_words_in_no_sentence_of_any_split():
+    """Drills: random words of the training vocabulary, said by the speaker and (as the "reply")
+    by the reply voice; never a held-out sentence; a pure function of (seed, index)."""
+    vocab = {w.lower() for w in synth._drill_vocabulary()}
+    held_out = {p.text.lower().rstrip(".?") for s in ("validation", "test") for p in synth.prompts_for(s)}
+    drills = [synth.drill_prompt(0, i) for i in range(200)]
+    assert drills[5] == synth.drill_prompt(0, 5) and drills[5] != synth.drill_prompt(1, 5)
+    for d in drills:
+        assert d.kind == synth.DRILL_KIND and not d.context
+        for text in (d.text, d.reply):
+            words = text.rstrip(".").lower().split()
+            assert 3 <= len(words) <= 8 and set(words) <= vocab
+            assert text.lower().rstrip(".") not in held_out
+    assert len({w for d in drills for w in d.text.lower().rstrip(".").split()}) > len(vocab) // 2
+
+
+def test_a_drill_teaches_listening_but_never_an_answer():
+    from hellochat_jax.data import pipeline as P
+
+    drill = P.decode(synth.make_utterance(synth.drill_prompt(0, 3), 0, "train", 7))
+    assert drill.kind == synth.DRILL_KIND and drill.reply and drill.reply_audio.size
+    assert set(P.available_tasks(drill)) == {"asr", "tts", "emotion", "events", "caption"}
+    prompt = P.decode(synth.make_utterance(synth.prompts_for("train")[0], 0, "train", 7))
+    assert "qa" in P.available_tasks(prompt)
+
+
+def test_drills_follow_the_train_splits_utterances():
+    config = builders.SynthConfig(name="drills", num_train=3, num_validation=2, num_test=2, num_drills=2)
+    assert config.sizes() == {"train": 5, "validation": 2, "test": 2}
+    train = builders.synth_jobs(config, "train")
+    assert [p.kind == synth.DRILL_KIND for p, *_ in train] == [False, False, False, True, True]
+    assert [index for *_, index in train] == [0, 1, 2, 3, 4]
+    assert not any(p.kind == synth.DRILL_KIND for s in ("validation", "test") for p, *_ in builders.synth_jobs(config, s))
+    assert builders.synth_config(2000) is builders.SYNTH_DEFAULT and builders.SYNTH_DEFAULT.num_drills == 0
+    assert builders.synth_config(2000, drills=1000).sizes()["train"] == 3000
+    with pytest.raises(ValueError, match="--drills"):
+        builders.synth_config(100, drills=-1)

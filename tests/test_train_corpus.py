@@ -79,3 +79,23 @@ def test_the_data_gives_the_adapter_one_placeholder_per_row_it_makes(tmp_path, t
     raw["data"]["corpus"]["audio_subsample"] = 3
     with pytest.raises(ConfigError, match="set model.adapter.subsample instead"):
         corpus.pipeline_config(from_dict(train_config.TrainConfig, raw))
+
+
+def test_the_adapter_ctc_trains_beside_the_thinker_and_is_logged(tmp_path, tiny_corpus):  # noqa: F811
+    import math
+
+    raw = corpus_config(tmp_path, tiny_corpus)
+    raw["data"]["corpus"]["ctc_label_len"] = 32
+    raw["options"] = {"adapter_ctc_weight": 1.0}
+    assert Trainer(from_dict(train_config.TrainConfig, raw)).fit() == 0
+    train = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert all(math.isfinite(r["adapter_ctc"]) and r["adapter_ctc"] > 0 for r in train)
+    assert all(r["loss"] > r["thinker_loss"] for r in train)  # the CTC term is part of the loss
+
+    raw["options"] = {"adapter_ctc_weight": -1.0}
+    with pytest.raises(ConfigError, match="adapter_ctc_weight=-1.0 must be >= 0"):
+        Trainer(from_dict(train_config.TrainConfig, raw))
+    raw["options"] = {"adapter_ctc_weight": 1.0}
+    del raw["data"]["corpus"]["ctc_label_len"]
+    with pytest.raises(ConfigError, match="adapter_ctc_weight needs data.corpus.ctc_label_len"):
+        Trainer(from_dict(train_config.TrainConfig, raw))

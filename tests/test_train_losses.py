@@ -70,3 +70,46 @@ def test_accumulated_micro_batches_sum_to_the_whole_batch_loss():
 def _norms(objective: Objective, step: dict) -> dict:
     """The step normalisers from the speech targets alone (the thinker's need loss_mask)."""
     return objective.normalizers({"loss_mask": jnp.ones((1,)), **step})
+
+
+def _brute_force_ctc(log_probs: np.ndarray, labels: list[int], blank: int) -> float:
+    """-log of the summed probability of every frame-level path that collapses to `labels`."""
+    import itertools
+
+    total = 0.0
+    for path in itertools.product(range(log_probs.shape[1]), repeat=log_probs.shape[0]):
+        collapsed = [p for i, p in enumerate(path) if p != blank and (i == 0 or p != path[i - 1])]
+        if collapsed == labels:
+            total += np.exp(sum(log_probs[t, p] for t, p in enumerate(path)))
+    return -np.log(total)
+
+
+def test_adapter_ctc_reads_the_audio_rows_through_the_token_embeddings_with_the_placeholder_as_blank():
+    """Each clip's CTC over its own adapter rows, logits = rows . embedding table, blank = the
+    `<|AUDIO|>` id; clips without words, or with more words than rows, add nothing."""
+    from types import SimpleNamespace
+
+    from hellochat_jax.components.dasheng.model import FRAMES_PER_PATCH
+
+    rng = np.random.default_rng(0)
+    vocab, width, audio_id = 4, 3, 2
+    table = rng.normal(size=(vocab, width)).astype(np.float32)
+    embed = SimpleNamespace(attend=lambda x: x @ table.T)
+    cfg = SimpleNamespace(audio_token_id=audio_id, subsample_factor=1, audio_encoder=SimpleNamespace(hop_size=1))
+    model = SimpleNamespace(thinker=SimpleNamespace(cfg=cfg, decoder=SimpleNamespace(model=SimpleNamespace(embed_tokens=embed))))
+    rows = rng.normal(size=(4, 4, width)).astype(np.float32)  # 4 clips, up to 4 rows each
+    n_rows = np.asarray([4, 3, 4, 1])
+    lengths = n_rows * FRAMES_PER_PATCH - 1  # (1 + samples // hop) // frames per patch = n_rows
+    labels = np.asarray([[1, 3, 0], [3, 3, 0], [0, 0, 0], [1, 3, 0]], np.int32)
+    n_labels = np.asarray([2, 2, 0, 2], np.int32)  # clip 2 has no words, clip 3 more words than rows
+    batch = {"audio_lengths": jnp.asarray(lengths[None]), "ctc_labels": jnp.asarray(labels[None]),
+             "ctc_label_lengths": jnp.asarray(n_labels[None])}
+    got, counted = Objective(("t0",), adapter_ctc_weight=1.0).adapter_ctc(model, jnp.asarray(rows), batch)
+
+    want = 0.0
+    for clip in (0, 1):
+        logits = rows[clip, : n_rows[clip]] @ table.T
+        log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        want += _brute_force_ctc(log_probs, labels[clip, : n_labels[clip]].tolist(), audio_id)
+    np.testing.assert_allclose(float(got), want, rtol=1e-4)
+    assert float(counted) == 4.0

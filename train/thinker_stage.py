@@ -16,6 +16,9 @@ class ThinkerOptions:
     # weight of the encoder's emotion + event classifiers (0: off; needs model.heads
     # encoder_emotions / encoder_events and data.corpus.clip_labels)
     encoder_label_weight: float = 0.0
+    # weight of a CTC loss on the adapter's rows read through the thinker's embedding table
+    # (0: off; needs data.corpus.ctc_label_len): audio rows that look like the words said
+    adapter_ctc_weight: float = 0.0
     talker_weight: float = 1.0  # weight of a jointly trained talker's speech CE (a `tts` mixture)
 
 
@@ -38,13 +41,17 @@ def make_objective(cfg, data):
         heads = cfg.model.heads or {}
         require(bool(heads.get("encoder_ctc")), "options.encoder_ctc_weight needs model.heads.encoder_ctc: true")
         require(bool(cfg.data.corpus.get("ctc_label_len")), "options.encoder_ctc_weight needs data.corpus.ctc_label_len > 0")
+    require(opts.adapter_ctc_weight >= 0, f"options.adapter_ctc_weight={opts.adapter_ctc_weight} must be >= 0")
+    if opts.adapter_ctc_weight:
+        require(bool(cfg.data.corpus.get("ctc_label_len")), "options.adapter_ctc_weight needs data.corpus.ctc_label_len > 0")
     if opts.encoder_label_weight:
         heads = cfg.model.heads or {}
         require(bool(heads.get("encoder_emotions")) and bool(heads.get("encoder_events")),
                 "options.encoder_label_weight needs model.heads.encoder_emotions and encoder_events")
         require(bool(cfg.data.corpus.get("clip_labels")), "options.encoder_label_weight needs data.corpus.clip_labels: true")
     return Objective(data.task_names, talker_weight=opts.talker_weight, remat=cfg.model.remat != "none",
-                     encoder_ctc_weight=opts.encoder_ctc_weight, encoder_label_weight=opts.encoder_label_weight)
+                     encoder_ctc_weight=opts.encoder_ctc_weight, encoder_label_weight=opts.encoder_label_weight,
+                     adapter_ctc_weight=opts.adapter_ctc_weight)
 
 
 def parts(cfg) -> tuple[str, ...]:

@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     s = kinds.add_parser("synth", help="the embedded synthetic speech corpus (espeak-ng, offline)")
     s.add_argument("--size", type=int, default=None, help="training utterances (default 2000; tiny = 48)")
+    s.add_argument("--drills", type=int, default=None,
+                   help="word drills (random words of the training texts) added to the train split (default 0)")
     s.add_argument("--tiny", action="store_true", help="the 48/12/12 corpus the tests use")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=None, help="synthesis processes (default: CPUs, <= 4)")
@@ -179,7 +181,7 @@ def main(args: argparse.Namespace) -> int:
         if args.tiny:
             config = builders.SYNTH_TINY
         else:
-            config = builders.synth_config(args.size or builders.SYNTH_DEFAULT.num_train, args.seed)
+            config = builders.synth_config(args.size or builders.SYNTH_DEFAULT.num_train, args.seed, args.drills)
         builder = build_synth(config, args.data_dir, workers=args.workers, vocab_size=args.vocab_size,
                               overwrite=args.overwrite)  # fmt: skip
     else:

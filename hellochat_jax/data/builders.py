@@ -66,27 +66,34 @@ def features() -> tfds.features.FeaturesDict:
 class SynthConfig(tfds.core.BuilderConfig):
     """Corpus size and seed. Records are a pure function of (seed, split, index)."""
 
-    def __init__(self, *, num_train: int, num_validation: int, num_test: int, seed: int = 0, **kwargs):
+    def __init__(self, *, num_train: int, num_validation: int, num_test: int, seed: int = 0, num_drills: int = 0,
+                 **kwargs):  # fmt: skip
         super().__init__(**kwargs)
         self.num_train = num_train
         self.num_validation = num_validation
         self.num_test = num_test
         self.seed = seed
+        self.num_drills = num_drills  # word drills (synth.drill_prompt) after the train split's utterances
 
     def sizes(self) -> dict[str, int]:
-        return {"train": self.num_train, "validation": self.num_validation, "test": self.num_test}
+        return {"train": self.num_train + self.num_drills, "validation": self.num_validation, "test": self.num_test}
 
 
-def synth_config(size: int, seed: int = 0) -> SynthConfig:
-    """A config for `size` training utterances (validation and test get a tenth each, >= 8)."""
+def synth_config(size: int, seed: int = 0, drills: int | None = None) -> SynthConfig:
+    """A config for `size` training utterances (validation and test get a tenth each, >= 8) and
+    `drills` word drills in the train split (synth.drill_prompt; default none)."""
     if size < 1:
         raise ValueError(f"--size must be positive, got {size}")
-    if size == SYNTH_DEFAULT.num_train and seed == 0:
+    drills = 0 if drills is None else drills
+    if drills < 0:
+        raise ValueError(f"--drills must be >= 0, got {drills}")
+    if size == SYNTH_DEFAULT.num_train and drills == SYNTH_DEFAULT.num_drills and seed == 0:
         return SYNTH_DEFAULT
     held_out = max(8, size // 10)
     return SynthConfig(
-        name=f"n{size}_s{seed}", description=f"{size} training utterances, seed {seed}",
-        num_train=size, num_validation=held_out, num_test=held_out, seed=seed,
+        name=f"n{size}_s{seed}" if not drills else f"n{size}_d{drills}_s{seed}",
+        description=f"{size} training utterances + {drills} word drills, seed {seed}",
+        num_train=size, num_validation=held_out, num_test=held_out, seed=seed, num_drills=drills,
     )  # fmt: skip
 
 
@@ -94,6 +101,16 @@ SYNTH_DEFAULT = SynthConfig(
     name="default", description="the embedded default corpus", num_train=2000, num_validation=200, num_test=200
 )
 SYNTH_TINY = SynthConfig(name="tiny", description="for tests", num_train=48, num_validation=12, num_test=12)
+
+
+def synth_jobs(cfg: SynthConfig, split: str) -> list[tuple[synth.Prompt, int, str, int]]:
+    """(prompt, seed, split, index) of each record of a split: the split's prompts in a seeded
+    order (cycled), then, in the train split, the word drills."""
+    drills = cfg.num_drills if split == "train" else 0
+    prompts = synth.prompts_for(split)
+    order = np.random.default_rng([cfg.seed, synth.SPLITS.index(split)]).permutation(len(prompts))
+    jobs = [(prompts[order[i % len(prompts)]], cfg.seed, split, i) for i in range(cfg.sizes()[split] - drills)]
+    return jobs + [(synth.drill_prompt(cfg.seed, i), cfg.seed, split, len(jobs) + i) for i in range(drills)]
 
 
 def _make_job(job: tuple[synth.Prompt, int, str, int]) -> dict[str, Any]:
@@ -127,15 +144,13 @@ class HellochatSynth(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         cfg = self.builder_config
-        return {split: self._generate_examples(split, n) for split, n in cfg.sizes().items()}
+        return {split: self._generate_examples(split) for split in cfg.sizes()}
 
-    def _generate_examples(self, split: str, num: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _generate_examples(self, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
         cfg = self.builder_config
-        prompts = synth.prompts_for(split)
-        order = np.random.default_rng([cfg.seed, synth.SPLITS.index(split)]).permutation(len(prompts))
-        jobs = [(prompts[order[i % len(prompts)]], cfg.seed, split, i) for i in range(num)]
+        jobs = synth_jobs(cfg, split)
         workers = self._num_workers if self._num_workers is not None else min(4, os.cpu_count() or 1)
-        if workers <= 1 or num < 64:
+        if workers <= 1 or len(jobs) < 64:
             for job in jobs:
                 record = _make_job(job)
                 yield record["id"], record

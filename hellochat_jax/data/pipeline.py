@@ -75,7 +75,7 @@ from hellochat_jax.core.dsp import (
     num_audio_tokens,  # the placeholder count, shared with the model
 )
 from hellochat_jax.data import builders, speech_tokens
-from hellochat_jax.data.synth import EMOTIONS, EVENTS, STYLE_EMOTION, STYLE_FOR_EMOTION
+from hellochat_jax.data.synth import DRILL_KIND, EMOTIONS, EVENTS, STYLE_EMOTION, STYLE_FOR_EMOTION
 from hellochat_jax.data.tokenizer import AudioPart, ChatTokens, Message, load_tokenizer, with_style
 
 SAMPLE_RATE = 16000
@@ -230,6 +230,7 @@ class Example:
     context: list[Turn]
     speech_tokens: np.ndarray
     reply_speech_tokens: np.ndarray
+    kind: str = ""  # question, statement, request, dialogue; synth.DRILL_KIND: the reply answers nothing
 
 
 class SafeSource:
@@ -306,6 +307,7 @@ def decode(record: Any, sidecar: Mapping[str, tuple[np.ndarray, np.ndarray]] | N
             context=context,
             speech_tokens=np.asarray(tokens, np.int32),
             reply_speech_tokens=np.asarray(reply_tokens, np.int32),
+            kind=_text(record["kind"]).strip() if "kind" in record else "",
         )
     except Exception as e:  # a record that deserialized but makes no sense
         rid = record.get("id", b"?") if isinstance(record, dict) else "?"
@@ -345,7 +347,7 @@ def available_tasks(ex: Example) -> list[str]:
         tasks.append("events")
     if ex.caption:
         tasks.append("caption")
-    if ex.reply:
+    if ex.reply and ex.kind != DRILL_KIND:  # a drill's "reply" is other random words
         tasks.append("qa")
     return tasks
 

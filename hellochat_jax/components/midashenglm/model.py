@@ -145,7 +145,7 @@ class MiDashengLM(nnx.Module):
         return splice_audio(text, input_ids, audio_embeds, counts, self.cfg.audio_token_id)
 
     def embed_rows(self, input_ids: jax.Array, audio: jax.Array | None, audio_lengths: jax.Array | None,
-                   return_features: bool = False) -> jax.Array | tuple[jax.Array, jax.Array | None]:
+                   return_features: bool = False) -> jax.Array | tuple[jax.Array, jax.Array | None, jax.Array | None]:
         """Token embeddings [B, L, D] of a packed training batch, placeholders filled row by row.
 
         `audio` [B, A, S] holds each row's clips in the order of its placeholder runs, with
@@ -154,19 +154,20 @@ class MiDashengLM(nnx.Module):
         """
         embeds = self.decoder.model.embed_tokens(input_ids)
         if self.audio_encoder is None or audio is None:
-            return (embeds, None) if return_features else embeds
+            return (embeds, None, None) if return_features else embeds
         b, a, s = audio.shape
         lengths = audio_lengths.reshape(b * a)
-        audio_embeds, features = self.encode_audio(audio.reshape(b * a, s), lengths)
-        audio_embeds = audio_embeds.reshape(b, a, *audio_embeds.shape[1:])
+        clip_rows, features = self.encode_audio(audio.reshape(b * a, s), lengths)
+        audio_embeds = clip_rows.reshape(b, a, *clip_rows.shape[1:])
         counts = audio_token_counts(lengths, self.cfg).reshape(b, a)
 
         def one_row(e, ids, clips, n):
             return splice_audio(e[None], ids[None], clips, n, self.cfg.audio_token_id)[0]
 
         spliced = jax.vmap(one_row)(embeds, input_ids, audio_embeds, counts)
-        # with return_features: the encoder's features [B * A, N, D_enc] too (auxiliary losses)
-        return (spliced, features) if return_features else spliced
+        # with return_features: the encoder's features [B * A, N, D_enc] and the adapter's rows
+        # [B * A, N // subsample, D] too (auxiliary losses)
+        return (spliced, features, clip_rows) if return_features else spliced
 
     def __call__(
         self,
