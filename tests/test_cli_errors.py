@@ -84,6 +84,13 @@ def test_bad_config_key(tmp_path, capsys):
     assert_one_line_error(code, err, "unknown key(s) ['learning_rate']")
 
 
+@pytest.mark.parametrize("flag, value, words", [("--drills", "-1", "--drills must be >= 0"), ("--size", "0", "--size must be positive")])
+def test_an_impossible_corpus_size(tmp_path, capsys, flag, value, words):
+    code, err = run(["data", "build", "synth", flag, value, "--data_dir", str(tmp_path)], capsys)
+    assert_one_line_error(code, err, words)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
 def test_corrupt_audio(tmp_path, capsys):
     wav = tmp_path / "broken.wav"
     wav.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + os.urandom(64))

@@ -181,7 +181,13 @@ def main(args: argparse.Namespace) -> int:
         if args.tiny:
             config = builders.SYNTH_TINY
         else:
-            config = builders.synth_config(args.size or builders.SYNTH_DEFAULT.num_train, args.seed, args.drills)
+            from hellochat_jax.core.errors import UserError
+
+            try:
+                size = builders.SYNTH_DEFAULT.num_train if args.size is None else args.size
+                config = builders.synth_config(size, args.seed, args.drills)
+            except ValueError as e:  # a size or drill count out of range
+                raise UserError(str(e)) from None
         builder = build_synth(config, args.data_dir, workers=args.workers, vocab_size=args.vocab_size,
                               overwrite=args.overwrite)  # fmt: skip
     else:

@@ -353,7 +353,9 @@ def drill_prompt(seed: int, index: int) -> Prompt:
     recognise the sentence instead of its words (held-out transcripts came out as training
     sentences 56 times in 60): words in no order can only be heard. The reply is no answer, so
     a drill never teaches the qa task (`pipeline.available_tasks`); it gives the reply voice,
-    and the talker trained on it, words in new orders too."""
+    and the talker trained on it, words in new orders too. Off by default: 1000 drills did not
+    stop the tiny thinker from answering with training sentences (README, thinker ablation);
+    the CTC on its adapter rows did."""
     rng = np.random.default_rng([seed, 7, index])
     vocab = _drill_vocabulary()
 
