@@ -40,6 +40,26 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Arra
 remat_cross_entropy = jax.checkpoint(token_cross_entropy)
 
 
+def clip_ctc(logits: jax.Array, frames: jax.Array, batch: dict[str, jax.Array], *, blank_id: int,
+             alignable_only: bool = False) -> tuple[jax.Array, jax.Array]:
+    """CTC of each clip's words (`ctc_labels` / `ctc_label_lengths`, empty = none) on its
+    `frames` valid rows of `logits` [clips, T, V]. Clips without audio or words add nothing; with
+    `alignable_only`, neither do clips with more words than frames. Returns (sum over clips,
+    their label tokens)."""
+    import optax
+
+    lengths = batch["audio_lengths"].reshape(-1)
+    labels = batch["ctc_labels"].reshape(lengths.shape[0], -1)
+    n_labels = batch["ctc_label_lengths"].reshape(-1)
+    logit_pad = (jnp.arange(logits.shape[1])[None, :] >= frames[:, None]).astype(jnp.float32)
+    label_pad = (jnp.arange(labels.shape[1])[None, :] >= n_labels[:, None]).astype(jnp.float32)
+    per_clip = optax.ctc_loss(logits.astype(jnp.float32), logit_pad, labels, label_pad, blank_id=blank_id)
+    has = (n_labels > 0) & (lengths > 0)
+    if alignable_only:
+        has &= n_labels <= frames
+    return jnp.sum(jnp.where(has, per_clip, 0.0)), jnp.sum(jnp.where(has, n_labels, 0)).astype(jnp.float32)
+
+
 class Objective:
     """The step's loss: thinker CE plus, when the model has a talker, weighted speech CE.
     `remat` trades the cross-entropy's saved exponentials for a recomputation (on with any
@@ -61,7 +81,7 @@ class Objective:
         out = {"thinker": jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)}
         if "ctc_label_lengths" in batch:
             # per label token: an utterance's CTC is a sum over its words
-            out["encoder_ctc_labels"] = jnp.maximum(jnp.sum(batch["ctc_label_lengths"]).astype(jnp.float32), 1.0)
+            out["ctc_labels"] = jnp.maximum(jnp.sum(batch["ctc_label_lengths"]).astype(jnp.float32), 1.0)
         if "clip_emotion" in batch:
             real = batch["audio_lengths"] > 0
             out["encoder_emotion_clips"] = jnp.maximum(jnp.sum(real & (batch["clip_emotion"] >= 0)).astype(jnp.float32), 1.0)
@@ -96,11 +116,11 @@ class Objective:
         if use_ctc and features is not None:
             ctc, labels = self.encoder_ctc(model, features, batch)
             stats.update(encoder_ctc=ctc, encoder_ctc_labels=labels)
-            loss = loss + self.encoder_ctc_weight * ctc / norms["encoder_ctc_labels"]
+            loss = loss + self.encoder_ctc_weight * ctc / norms["ctc_labels"]
         if self.adapter_ctc_weight and clip_rows is not None and "ctc_labels" in batch:
             ctc, labels = self.adapter_ctc(model, clip_rows, batch)
             stats.update(adapter_ctc=ctc, adapter_ctc_labels=labels)
-            loss = loss + self.adapter_ctc_weight * ctc / norms["encoder_ctc_labels"]
+            loss = loss + self.adapter_ctc_weight * ctc / norms["ctc_labels"]
         if self.encoder_label_weight and features is not None and "clip_emotion" in batch:
             labels = self.encoder_labels(model, features, batch)
             stats.update(labels)
@@ -115,22 +135,13 @@ class Objective:
     def encoder_ctc(self, model, features: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """CTC of each clip's words (`ctc_labels`, empty = none) on the audio encoder's 25 Hz
         features of that clip, from the thinker's own forward. Returns (sum over clips, label tokens)."""
-        import optax
-
         from hellochat_jax.components.dasheng.model import FRAMES_PER_PATCH
 
         enc = model.thinker.audio_encoder.cfg
         lengths = batch["audio_lengths"].reshape(-1)
-        labels = batch["ctc_labels"].reshape(lengths.shape[0], -1)
-        n_labels = batch["ctc_label_lengths"].reshape(-1)
-        logits = model.heads.encoder_ctc(features).astype(jnp.float32)
-        frames = (1 + lengths // enc.hop_size) // FRAMES_PER_PATCH
-        logit_pad = (jnp.arange(logits.shape[1])[None, :] >= frames[:, None]).astype(jnp.float32)
-        label_pad = (jnp.arange(labels.shape[1])[None, :] >= n_labels[:, None]).astype(jnp.float32)
+        logits = model.heads.encoder_ctc(features)
         with jax.named_scope("encoder_ctc"):
-            per_clip = optax.ctc_loss(logits, logit_pad, labels, label_pad, blank_id=0)
-        has = (n_labels > 0) & (lengths > 0)
-        return jnp.sum(jnp.where(has, per_clip, 0.0)), jnp.sum(jnp.where(has, n_labels, 0)).astype(jnp.float32)
+            return clip_ctc(logits, (1 + lengths // enc.hop_size) // FRAMES_PER_PATCH, batch, blank_id=0)
 
     def adapter_ctc(self, model, clip_rows: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """CTC of each clip's words on the adapter's rows themselves, read through the thinker's
@@ -140,22 +151,13 @@ class Objective:
         LM did not find them. Here each audio row is pulled towards the embedding of the word
         said in it, so the thinker reads audio almost as it reads text. Clips with more words
         than rows are left out (CTC cannot align them). Returns (sum over clips, label tokens)."""
-        import optax
-
         from hellochat_jax.components.midashenglm.model import audio_token_counts
 
         cfg = model.thinker.cfg
-        lengths = batch["audio_lengths"].reshape(-1)
-        labels = batch["ctc_labels"].reshape(lengths.shape[0], -1)
-        n_labels = batch["ctc_label_lengths"].reshape(-1)
-        logits = model.thinker.decoder.model.embed_tokens.attend(clip_rows).astype(jnp.float32)
-        rows = audio_token_counts(lengths, cfg)
-        logit_pad = (jnp.arange(logits.shape[1])[None, :] >= rows[:, None]).astype(jnp.float32)
-        label_pad = (jnp.arange(labels.shape[1])[None, :] >= n_labels[:, None]).astype(jnp.float32)
+        rows = audio_token_counts(batch["audio_lengths"].reshape(-1), cfg)
+        logits = model.thinker.decoder.model.embed_tokens.attend(clip_rows)
         with jax.named_scope("adapter_ctc"):
-            per_clip = optax.ctc_loss(logits, logit_pad, labels, label_pad, blank_id=cfg.audio_token_id)
-        has = (n_labels > 0) & (lengths > 0) & (n_labels <= rows)
-        return jnp.sum(jnp.where(has, per_clip, 0.0)), jnp.sum(jnp.where(has, n_labels, 0)).astype(jnp.float32)
+            return clip_ctc(logits, rows, batch, blank_id=cfg.audio_token_id, alignable_only=True)
 
     def encoder_labels(self, model, features: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Emotion CE and event BCE (summed over the events) of each labelled clip from the
