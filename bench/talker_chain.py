@@ -6,6 +6,8 @@ on held-out replies heard through more and more of the talker.
     flow       its speech tokens (the corpus cache) -> flow -> HiFT
     talker     the reply text -> speech LM -> flow -> HiFT (what `hellochat eval tts` scores)
 
+The flow and talker rows speak each reply in its corpus style, as `hellochat eval tts` does.
+
     python bench/talker_chain.py --model models/tiny [--num 40] [--markdown]
 """
 
@@ -61,6 +63,7 @@ def main() -> None:
     reply_tokens = [sidecar[r.example.id][1].tolist() for r in records]
     texts = [evaluate.reply_text(r.example.reply)[1] for r in records]
     truth = [r.example.reply_audio for r in records]
+    styles = [evaluate.style_for_emotion(r.example.emotion) for r in records]
     rate = talker.sample_rate
     key = jax.random.key(0)
 
@@ -74,22 +77,18 @@ def main() -> None:
         mel = np.stack([np.pad(m, ((0, t - m.shape[0]), (0, 0))) for m in mels])
         return back(talker.vocode(mel, np.asarray([m.shape[0] for m in mels]), key))
 
-    def flow(toks):
+    def flow(rows):
         # the corpus's own speech tokens (its sidecar cache): what a perfect speech LM would say
-        mel, mel_len = talker.tokens_to_mel(toks, None, talker._noise(key))
+        mel, mel_len = talker.tokens_to_mel([reply_tokens[i] for i in rows], None, talker._noise(key), styles=[styles[i] for i in rows])
         return back(talker.vocode(mel, mel_len, key))
-
-    def speak(batch_texts):
-        styles = [None] * len(batch_texts)
-        return evaluate.synthesize(talker, batch_texts, styles, batch_size=8, key=key)
 
     def batched(fn, items):
         return [wave for i in range(0, len(items), 8) for wave in fn(items[i : i + 8])]
 
     chain = {"truth": lambda: truth,
              "vocoder": lambda: batched(vocoder, truth),
-             "flow": lambda: batched(flow, reply_tokens),
-             "talker": lambda: speak(texts)}
+             "flow": lambda: batched(flow, list(range(len(records)))),
+             "talker": lambda: evaluate.synthesize(talker, texts, styles, batch_size=8, key=key)}
     asr = pipeline.INSTRUCTIONS["asr"][0]
     rows = []
     for name in links:

@@ -145,6 +145,27 @@ def test_refuses_yaml_settings_it_does_not_implement(edit, needle):
         cosyvoice2_flow.config_from_yaml(data)
 
 
+def test_each_style_speaker_is_a_one_hot_xvector_and_any_other_style_the_zero_one():
+    """model.flow.style_speakers: one voice in several styles is several speakers to the flow;
+    the i-th style's x-vector is e_i, and no style or one it does not know is the all-zero
+    x-vector of a talker without a voice prompt."""
+    cfg = tiny_config(style_speakers=("calm", "cheerful"))
+    expected = np.zeros((5, cfg.spk_embed_dim), np.float32)
+    expected[0, 1] = expected[1, 0] = expected[4, 0] = 1.0
+    np.testing.assert_array_equal(cfg.style_xvectors(["cheerful", "calm", None, "shouting", " calm "]), expected)
+    assert not tiny_config().style_xvectors(["calm"]).any()
+    # it travels with the model folder's config (hellochat.json)
+    from hellochat_jax.components.hellochat.model import HelloChatConfig
+
+    assert HelloChatConfig.from_dict(HelloChatConfig(thinker=None, flow=cfg).to_dict()).flow == cfg
+
+
+@pytest.mark.parametrize("styles", [("calm", "calm"), tuple(f"style {i}" for i in range(13))])
+def test_style_speakers_must_be_distinct_and_fit_in_the_xvector(styles):
+    with pytest.raises(ValueError, match="style_speakers"):
+        tiny_config(style_speakers=styles)
+
+
 def test_cosine_time_schedule():
     t = time_schedule(10, "cosine")
     assert t.dtype == np.float32 and t[0] == 0 and t[-1] == 1
@@ -407,7 +428,8 @@ def test_the_prior_loss_adds_the_encoders_mel_error_with_its_weight(prior_weight
     rng = np.random.default_rng(0)
     micro = {"token": jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 8)), jnp.int32),
              "token_len": jnp.asarray([8, 5], jnp.int32),
-             "wave": jnp.asarray(rng.normal(0, 0.1, (2, 8 * 2 * 320)), jnp.float32)}
+             "wave": jnp.asarray(rng.normal(0, 0.1, (2, 8 * 2 * 320)), jnp.float32),
+             "xvector": jnp.zeros((2, cfg.spk_embed_dim), jnp.float32)}
     norms = objective.normalizers(micro)
     loss, stats = objective(model, micro, jax.random.key(0), norms)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import shutil
 
 import jax
@@ -150,6 +151,33 @@ def count_compiles():
         yield names
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_without_a_voice_each_row_speaks_with_its_styles_xvector(talker):
+    """A flow that knows styles (model.flow.style_speakers) hears a reply's style instruction as
+    its speaker: the same tokens give another mel in another style, batched or streamed, and an
+    unknown style is no style at all."""
+    tokens, noise = [list(range(1, 41))], talker._noise(jax.random.key(5))
+    plain = talker.flow.cfg
+    talker.flow.cfg = dataclasses.replace(plain, style_speakers=("calm", "cheerful"))
+    try:
+        def mel(*styles):
+            return talker.tokens_to_mel(tokens * len(styles), None, noise, styles=list(styles))[0]
+
+        calm, cheerful, unknown, none = mel("calm", "cheerful", "whispered", None)
+        assert not np.allclose(calm, cheerful) and not np.allclose(calm, none)
+        np.testing.assert_array_equal(unknown, none)
+        np.testing.assert_allclose(talker.tokens_to_mel(tokens, None, noise)[0][0], none, atol=1e-5)
+
+        def streamed(style):
+            stream = talker.stream(None, key=jax.random.key(5), style=style)
+            return np.concatenate(stream.push(tokens[0]) + stream.finish())
+
+        assert not np.allclose(streamed("calm"), streamed("cheerful"))
+        with pytest.raises(TalkerError, match="1 token rows but 2 styles"):
+            talker.tokens_to_mel(tokens, None, noise, styles=["calm", "calm"])
+    finally:
+        talker.flow.cfg = plain
 
 
 def test_zero_shot_prompt_features(talker):

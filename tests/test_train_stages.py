@@ -40,6 +40,7 @@ TINY_TALKER = {
 }
 TINY_FLOW = {
     "input_size": 32, "output_size": 80, "spk_embed_dim": 16, "vocab_size": 6561,
+    "style_speakers": ["neutral", "cheerful", "gentle", "calm"],
     "encoder": {"input_size": 32, "output_size": 32, "attention_heads": 2, "linear_units": 64, "num_blocks": 1,
                 "num_up_blocks": 1},
     "estimator": {"in_channels": 320, "out_channels": 80, "channels": [32], "attention_head_dim": 16, "n_blocks": 1,
@@ -200,6 +201,28 @@ def corpus_with_tokens(tmp_path_factory) -> Path:
     model = S3Tokenizer(S3TokenizerConfig(**TINY_SPEECH_TOKENIZER), rngs=nnx.Rngs(0))
     speech_tokens.build(model, str(corpus), splits=("train",), batch_size=16, progress=False)
     return corpus
+
+
+def test_flow_rows_are_spoken_by_the_style_of_their_reply(tmp_path, corpus_with_tokens):
+    """The flow stage's speaker embedding is the x-vector of the reply's style (the one the
+    talker gives the flow when it speaks that style): one-hot, by model.flow.style_speakers."""
+    from hellochat_jax.data import builders
+    from hellochat_jax.data.synth import STYLE_FOR_EMOTION
+    from hellochat_jax.train.flow_stage import FlowData
+
+    cfg = train_config.load(write_config(tmp_path / "c.yaml", staged_config(tmp_path / "run", corpus_with_tokens)), [], "flow")
+    data, rng = FlowData(cfg), np.random.default_rng(0)
+    styles = []
+    for record in builders.open_source(str(corpus_with_tokens), "train"):
+        row = data.row(record, rng)
+        if row is None:
+            continue
+        style = STYLE_FOR_EMOTION[stages.text(record["emotion"]).strip()]
+        expected = np.zeros(TINY_FLOW["spk_embed_dim"], np.float32)
+        expected[TINY_FLOW["style_speakers"].index(style)] = 1.0
+        np.testing.assert_array_equal(row["xvector"], expected)
+        styles.append(style)
+    assert len(set(styles)) >= 3
 
 
 def test_each_process_reads_its_own_share_of_the_corpus_records(tmp_path_factory):

@@ -7,8 +7,9 @@ on the encoder's output (`options.prior_weight`).
 A row is a random window of `max_tokens` speech tokens of a corpus reply and the mel frames
 they cover (2 per token), computed with the vocoder's mel settings (hift/model.py
 `flow_mel_settings`, so the flow's output is what the vocoder reads). The corpus replies have
-one voice, so the speaker embedding is the all-zero x-vector the talker uses without a voice
-prompt; a prompt voice still conditions the flow through its prompt mel.
+one voice in several styles; the speaker embedding is the x-vector of the reply's style
+(`model.flow.style_speakers`: one-hot, the same the talker gives the flow when it speaks that
+style), or the all-zero x-vector the talker uses without a voice prompt or style.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class FlowData:
         rid = text(record["id"])
         if rid not in self.tokens:
             return None
+        from hellochat_jax.data.synth import STYLE_FOR_EMOTION
+
         tokens = np.asarray(self.tokens[rid][1], np.int32)
         wav = pcm(record["reply_audio"])
         if self.mel["rate"] != 16000:
@@ -73,6 +76,7 @@ class FlowData:
         start = int(rng.integers(0, n - window + 1))
         return {
             "token": pad_to(tokens[start : start + window], self.opts.max_tokens), "token_len": np.int32(window),
+            "xvector": self.flow.style_xvectors([STYLE_FOR_EMOTION.get(text(record["emotion"]).strip())])[0],
             # the mel is computed in the step (one compiled shape), not per row on the host
             "wave": pad_to(wav[start * per_token : (start + window) * per_token], self.opts.max_tokens * per_token),
         }
@@ -85,6 +89,7 @@ class FlowData:
         return {
             "token": jax.ShapeDtypeStruct((self.rows, t), np.dtype(np.int32)),
             "token_len": jax.ShapeDtypeStruct((self.rows,), np.dtype(np.int32)),
+            "xvector": jax.ShapeDtypeStruct((self.rows, self.flow.spk_embed_dim), np.dtype(np.float32)),
             "wave": jax.ShapeDtypeStruct((self.rows, t * self.flow.token_mel_ratio * self.mel["hop"]), np.dtype(np.float32)),
         }
 
@@ -109,8 +114,7 @@ class FlowObjective:
 
         flow = model.flow
         feat = log_mel(micro["wave"], **self.mel)
-        embedding = jnp.zeros((micro["token"].shape[0], flow.cfg.spk_embed_dim), jnp.float32)
-        mean, aux = flow_matching_loss(flow, micro["token"], micro["token_len"], feat, embedding, key=key)
+        mean, aux = flow_matching_loss(flow, micro["token"], micro["token_len"], feat, micro["xvector"], key=key)
         count = jnp.sum(aux["mask"]) * self.bins
         total = mean * count
         frames = aux["mask"][..., None]

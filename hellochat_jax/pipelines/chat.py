@@ -248,7 +248,7 @@ class _Speaker:
         self.decoder = BistreamDecoder(talker.llm, prompt_text, prompt_speech, sampling=self.pipeline.speech_sampling, key=k_lm,
                                        max_ratio=self.pipeline.speech_max_ratio, mesh=talker.mesh)
         if self.stream:
-            self.audio = talker.stream(voice, key=self.key)
+            self.audio = talker.stream(voice, key=self.key, style=self.reply.style)
 
     def _speak(self, ids: list[int], final: bool) -> None:
         if self.failed:
@@ -523,7 +523,7 @@ class ChatPipeline:
             return
         keys = [jax.random.split(jax.random.fold_in(k_talk, i), 3) for i in todo]
         noise = jnp.concatenate([talker._noise(k[1]) for k in keys], axis=0)
-        mel, mel_len = talker.tokens_to_mel([replies[i].speech_tokens for i in todo], self.voice, noise)
+        mel, mel_len = talker.tokens_to_mel([replies[i].speech_tokens for i in todo], self.voice, noise, styles=[replies[i].style for i in todo])
         waves = talker.vocode(mel, mel_len, keys[0][2])
         for i, wav in zip(todo, waves):
             audio_sink(i)(wav)

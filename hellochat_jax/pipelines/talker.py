@@ -347,11 +347,13 @@ class Talker:
         ps = [[] if s else (prompt.speech_tokens.tolist() if prompt else []) for s in instructions]
         return slm.SpeechDecoder.start(self.llm, texts, pt, ps, key=key, sampling=sampling, max_ratio=max_ratio, mesh=self.mesh)
 
-    def _flow_inputs(self, batch: int, prompt: VoicePrompt | None):
+    def _flow_inputs(self, batch: int, prompt: VoicePrompt | None, styles: Sequence[str | None] | None = None):
         d = self.flow.cfg.spk_embed_dim
         if prompt is None:
+            # no voice: the x-vector of each row's style (model.flow.style_speakers; zeros without)
+            xvectors = self.flow.cfg.style_xvectors([None] * batch if styles is None else list(styles))
             return (np.zeros((batch, 0), np.int32), np.zeros((batch,), np.int32), np.zeros((batch, 0, self.flow.cfg.output_size), np.float32),
-                    np.zeros((batch,), np.int32), np.zeros((batch, d), np.float32))
+                    np.zeros((batch,), np.int32), xvectors)
         p = len(prompt.speech_tokens)
         if prompt.xvector.shape != (d,):
             raise TalkerError(f"the speaker x-vector has shape {prompt.xvector.shape}; the flow expects ({d},)")
@@ -359,8 +361,9 @@ class Talker:
                 np.full((batch,), 2 * p, np.int32), np.tile(prompt.xvector[None], (batch, 1)).astype(np.float32))
 
     def tokens_to_mel(self, tokens: Sequence[Sequence[int]], prompt: VoicePrompt | None, noise: jax.Array, *, token_len: Sequence[int] | None = None,
-                      streaming: bool = False, finalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Flow on token rows padded to a `shape_bucket` -> (mel [B, W, 80], mel_len [B]) of the new frames."""
+                      streaming: bool = False, finalize: bool = True, styles: Sequence[str | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Flow on token rows padded to a `shape_bucket` -> (mel [B, W, 80], mel_len [B]) of the
+        new frames; `styles` (one per row) are the instructions the rows were spoken with."""
         b = len(tokens)
         lengths = np.asarray([len(t) for t in tokens] if token_len is None else token_len, np.int32)
         n = shape_bucket(int(lengths.max(initial=0)))
@@ -370,7 +373,9 @@ class Talker:
         tok = np.zeros((b, n), np.int32)
         for i, t in enumerate(tokens):
             tok[i, : len(t)] = t
-        pt, ptl, pf, pfl, emb = self._flow_inputs(b, prompt)
+        if styles is not None and len(styles) != b:
+            raise TalkerError(f"{b} token rows but {len(styles)} styles")
+        pt, ptl, pf, pfl, emb = self._flow_inputs(b, prompt, styles)
         args = (tok, lengths, pt, ptl, pf, pfl, emb)
         with _mesh_ctx(self.mesh):
             args = shd.put_batch(args, self.mesh) if self.mesh is not None else tuple(map(jnp.asarray, args))
@@ -416,7 +421,7 @@ class Talker:
         tokens = [toks[i, : lens[i]].tolist() for i in range(len(ids))]
         if max(lens) == 0:
             return [np.zeros(0, np.float32) for _ in ids]
-        mel, mel_len = self.tokens_to_mel(tokens, prompt, self._noise(k_noise))
+        mel, mel_len = self.tokens_to_mel(tokens, prompt, self._noise(k_noise), styles=instructions)
         return self.vocode(mel, mel_len, k_voc)
 
     def speak_stream(self, text: str, prompt_wav=None, prompt_text: str | None = None, *, key: jax.Array | None = None,
@@ -436,12 +441,13 @@ class Talker:
             yield from stream.push(dec.new_tokens()[0])
         yield from stream.finish()
 
-    def stream(self, prompt: VoicePrompt | None = None, *, key: jax.Array | None = None) -> "SpeechStream":
+    def stream(self, prompt: VoicePrompt | None = None, *, key: jax.Array | None = None, style: str | None = None) -> "SpeechStream":
         """A `SpeechStream` for tokens from elsewhere (e.g. a BistreamDecoder fed by the
-        thinker); `key` is split as `speak` splits it (LM, noise, vocoder)."""
+        thinker) spoken in `style` (the instruction); `key` is split as `speak` splits it (LM,
+        noise, vocoder)."""
         self._check_prompt(prompt)
         _, k_noise, k_voc = jax.random.split(jax.random.key(0) if key is None else key, 3)
-        return SpeechStream(self, prompt, noise_key=k_noise, vocoder_key=k_voc)
+        return SpeechStream(self, prompt, noise_key=k_noise, vocoder_key=k_voc, style=style)
 
 
 class SpeechStream:
@@ -455,8 +461,8 @@ class SpeechStream:
     last call). Token rows and vocoder chunks are padded to `shape_bucket` sizes and the noise
     is one fixed buffer, so after the first few chunks nothing compiles again."""
 
-    def __init__(self, talker: Talker, prompt: VoicePrompt | None, *, noise_key: jax.Array, vocoder_key: jax.Array):
-        self.talker, self.prompt = talker, prompt
+    def __init__(self, talker: Talker, prompt: VoicePrompt | None, *, noise_key: jax.Array, vocoder_key: jax.Array, style: str | None = None):
+        self.talker, self.prompt, self.styles = talker, prompt, [style]
         self.noise = talker._noise(noise_key)
         self.vocoder_key = vocoder_key
         self.ratio, self.lookahead = talker.flow.cfg.token_mel_ratio, talker.flow.cfg.pre_lookahead_len
@@ -483,7 +489,8 @@ class SpeechStream:
         out = []
         while self.tokens_wanted == 0:
             this_hop = self._this_hop()
-            mel, mel_len = self.talker.tokens_to_mel([self.tokens[: self.offset + this_hop + self.lookahead]], self.prompt, self.noise, streaming=True, finalize=False)
+            mel, mel_len = self.talker.tokens_to_mel([self.tokens[: self.offset + this_hop + self.lookahead]], self.prompt, self.noise, streaming=True, finalize=False,
+                                                     styles=self.styles)
             out.append(self._vocode(mel[:, self.offset * self.ratio : int(mel_len[0])], finalize=False))
             self.offset += this_hop
             self.hop = min(TOKEN_MAX_HOP, self.hop * HOP_SCALE)
@@ -495,7 +502,7 @@ class SpeechStream:
             self.finished = True
             return []
         self.finished = True
-        mel, mel_len = self.talker.tokens_to_mel([self.tokens], self.prompt, self.noise, streaming=False, finalize=True)
+        mel, mel_len = self.talker.tokens_to_mel([self.tokens], self.prompt, self.noise, streaming=False, finalize=True, styles=self.styles)
         new = mel[:, self.offset * self.ratio : int(mel_len[0])]
         if new.shape[1] == 0 and self.cache is None:
             return []

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -88,6 +88,12 @@ class FlowConfig:
     n_timesteps: int = 10  # hard-coded in the reference's inference
     # scale of the start noise (the reference CFM's `temperature`, 1.0 in its inference)
     noise_temperature: float = 1.0
+    # Styles the flow hears as speakers: without a voice prompt, a reply spoken in the i-th
+    # style gets the one-hot x-vector e_i (zeros for any other instruction). CosyVoice 2 tells
+    # the flow who speaks only by x-vector and prompt mel; one voice in several styles is then
+    # several speakers, and the speech tokens carry too little pitch and loudness to tell them
+    # apart. Empty (the release): the all-zero x-vector.
+    style_speakers: tuple[str, ...] = ()
     dtype: str = "float32"
     param_dtype: str = "float32"
     precision: str | None = None
@@ -105,6 +111,8 @@ class FlowConfig:
             problems.append(f"estimator in_channels {est.in_channels} != 4 x {self.output_size} (x, mu, speaker, prompt)")
         if est.out_channels != self.output_size:
             problems.append(f"estimator out_channels {est.out_channels} != output_size {self.output_size}")
+        if len(self.style_speakers) > self.spk_embed_dim or len(set(self.style_speakers)) < len(self.style_speakers):
+            problems.append(f"style_speakers {list(self.style_speakers)} must be distinct and at most spk_embed_dim ({self.spk_embed_dim})")
         if self.t_scheduler not in ("cosine", "linear"):
             problems.append(f"t_scheduler {self.t_scheduler!r} is not supported (cosine, linear)")
         if problems:
@@ -113,6 +121,15 @@ class FlowConfig:
     @property
     def numerics(self) -> Numerics:
         return Numerics(self.dtype, self.param_dtype, self.precision)
+
+    def style_xvectors(self, styles: Sequence[str | None]) -> np.ndarray:
+        """[len(styles), spk_embed_dim] x-vectors of replies spoken in these styles (see
+        `style_speakers`; None or an unknown style -> zeros)."""
+        out = np.zeros((len(styles), self.spk_embed_dim), np.float32)
+        for row, style in enumerate(styles):
+            if style is not None and style.strip() in self.style_speakers:
+                out[row, self.style_speakers.index(style.strip())] = 1.0
+        return out
 
 
 # ----------------------------------------------------------------------------- estimator layers
