@@ -160,7 +160,7 @@ def test_each_style_speaker_is_a_one_hot_xvector_and_any_other_style_the_zero_on
     assert HelloChatConfig.from_dict(HelloChatConfig(thinker=None, flow=cfg).to_dict()).flow == cfg
 
 
-@pytest.mark.parametrize("styles", [("calm", "calm"), tuple(f"style {i}" for i in range(13))])
+@pytest.mark.parametrize("styles", [("calm", "calm"), tuple(f"style {i}" for i in range(13)), "calm", ("calm", ""), ("calm", 3)])
 def test_style_speakers_must_be_distinct_and_fit_in_the_xvector(styles):
     with pytest.raises(ValueError, match="style_speakers"):
         tiny_config(style_speakers=styles)

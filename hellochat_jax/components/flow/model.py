@@ -111,7 +111,9 @@ class FlowConfig:
             problems.append(f"estimator in_channels {est.in_channels} != 4 x {self.output_size} (x, mu, speaker, prompt)")
         if est.out_channels != self.output_size:
             problems.append(f"estimator out_channels {est.out_channels} != output_size {self.output_size}")
-        if len(self.style_speakers) > self.spk_embed_dim or len(set(self.style_speakers)) < len(self.style_speakers):
+        if isinstance(self.style_speakers, str) or not all(isinstance(s, str) and s.strip() for s in self.style_speakers):
+            problems.append(f"style_speakers must be a list of style names, got {self.style_speakers!r}")
+        elif len(self.style_speakers) > self.spk_embed_dim or len(set(self.style_speakers)) < len(self.style_speakers):
             problems.append(f"style_speakers {list(self.style_speakers)} must be distinct and at most spk_embed_dim ({self.spk_embed_dim})")
         if self.t_scheduler not in ("cosine", "linear"):
             problems.append(f"t_scheduler {self.t_scheduler!r} is not supported (cosine, linear)")
