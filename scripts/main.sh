@@ -12,15 +12,45 @@ MODEL=models/tiny
 start=$(date +%s)
 
 hellochat data build synth
-hellochat train --config tiny --resume "$@"
-hellochat train --config tiny --stage speech_tokenizer --resume "$@"
+# The speech tokenizer and the vocoder need only the corpus: they train beside the thinker, in a
+# second process (one stage alone leaves a fifth of the 2 cores idle and compiles on one). Their
+# progress bars go to $RUN/beside_thinker.log; the thinker's show here.
+mkdir -p "$RUN"
+(
+  # a TERM (the main job stopping) goes on to the running stage, which saves and stops
+  stage=
+  trap 'kill -TERM "$stage" 2>/dev/null; wait "$stage"; exit 143' TERM
+  for name in speech_tokenizer hift; do
+    hellochat train --config tiny --stage "$name" --resume "$@" &
+    stage=$!
+    wait "$stage"
+  done
+) > "$RUN/beside_thinker.log" 2>&1 &
+beside=$!
+echo "speech tokenizer, then vocoder: training beside the thinker (progress bars: $RUN/beside_thinker.log)"
+hellochat train --config tiny --resume "$@" &
+thinker=$!
+# Ctrl-C or a TERM stops both sides the SIGTERM-safe way: each saves its step and stops, and
+# the job resumes from there when run again.
+stop_both() { kill -TERM "$thinker" "$beside" 2>/dev/null || true; wait || true; }
+trap 'stop_both; exit 130' INT
+trap 'stop_both; exit 143' TERM
+trap stop_both EXIT
+wait "$thinker"
+if ! wait "$beside"; then
+  tr '\r' '\n' < "$RUN/beside_thinker.log" | tail -n 5
+  echo "error: the speech tokenizer or vocoder stage failed (log: $RUN/beside_thinker.log)"
+  exit 1
+fi
+trap - INT TERM EXIT
+tr '\r' '\n' < "$RUN/beside_thinker.log" \
+  | awk '/^starting stage/ {if (bar) print bar; bar = ""; print; next} /^train: 100%/ {bar = $0} END {if (bar) print bar}'
 # The speech tokenizer goes into the model folder, then fills the corpus's speech tokens
 # (cached per tokenizer: skipped when they are already there).
 hellochat export --run "$RUN" --out "$MODEL"
 hellochat data tokens --model "$MODEL"
 hellochat train --config tiny --stage talker --resume "$@"
 hellochat train --config tiny --stage flow --resume "$@"
-hellochat train --config tiny --stage hift --resume "$@"
 hellochat export --run "$RUN" --out "$MODEL"
 
 hellochat eval understand --model "$MODEL" --num 60 --json "$RUN/eval_understand.json"
