@@ -92,6 +92,19 @@ def test_speak_cli_writes_wavs_for_a_batch(folders, tmp_path):
         assert rate == RATE and wav.ndim == 1 and len(wav) > 0 and len(wav) % FRAME == 0
 
 
+def test_speak_cli_speaks_as_instructed_in_a_batch_and_streaming(folders, tmp_path):
+    """--instruct: CosyVoice 2 instruct mode, the instruction is the speech LM's prompt text (and
+    a styled flow's speaker); the stream speaks the same tokens as the batch."""
+    def speak(name: str, *extra: str) -> np.ndarray:
+        out = tmp_path / f"{name}.wav"
+        assert cli(["speak", "--talker", str(folders / "talker"), "--text", TEXTS[0], "--out", str(out), "--greedy", *extra]) == 0
+        return sf.read(str(out))[0]
+
+    plain, instructed = speak("plain"), speak("instructed", "--instruct", TEXTS[1])
+    assert len(plain) != len(instructed) or not np.allclose(plain, instructed)
+    assert len(speak("streamed", "--instruct", TEXTS[1], "--stream")) == len(instructed)
+
+
 def test_speak_cli_streams_into_a_wav_with_a_voice_prompt(folders, prompt_wav, tmp_path):
     out = tmp_path / "s.wav"
     args = ["speak", "--talker", str(folders / "talker"), "--text", TEXTS[0], "--out", str(out), "--stream",

@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-wav", default=None, help="voice prompt audio (any rate; 0.5-30 s of speech)")
     p.add_argument("--prompt-text", default=None, help="transcript of the voice prompt")
     p.add_argument("--out", required=True, help="output WAV (with several texts: OUT_0.wav, OUT_1.wav, ...)")
+    p.add_argument("--instruct", default=None, metavar="TEXT",
+                   help="how to speak (CosyVoice 2 instruct, e.g. 'calm'): the speech LM's prompt text; a flow that "
+                        "lists styles (model.flow.style_speakers) also hears it as its speaker")
     p.add_argument("--stream", action="store_true", help="write audio chunk by chunk as speech tokens arrive")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--greedy", action="store_true", help="argmax speech tokens instead of repetition-aware sampling")
@@ -70,14 +73,15 @@ def main(args: argparse.Namespace) -> int:
         if args.stream:
             total = 0
             with sf.SoundFile(str(paths[0]), "w", samplerate=talker.sample_rate, channels=1, subtype="PCM_16") as f:
-                for i, chunk in enumerate(talker.speak_stream(args.text[0], prompt, key=key, sampling=sampling)):
+                for i, chunk in enumerate(talker.speak_stream(args.text[0], prompt, key=key, sampling=sampling, instruction=args.instruct)):
                     f.write(chunk)
                     f.flush()
                     total += len(chunk)
                     print(f"chunk {i}: {len(chunk) / talker.sample_rate:.2f} s of audio at {time.perf_counter() - start:.2f} s", file=sys.stderr)
             print(f"wrote {paths[0]} ({total / talker.sample_rate:.2f} s of audio)")
         else:
-            waves = talker.speak(args.text, prompt, key=key, sampling=sampling)
+            instructions = [args.instruct] * len(args.text) if args.instruct else None
+            waves = talker.speak(args.text, prompt, key=key, sampling=sampling, instructions=instructions)
             for path, wav in zip(paths, waves):
                 sf.write(str(path), wav, talker.sample_rate, subtype="PCM_16")
                 print(f"wrote {path} ({len(wav) / talker.sample_rate:.2f} s of audio)")

@@ -425,17 +425,18 @@ class Talker:
         return self.vocode(mel, mel_len, k_voc)
 
     def speak_stream(self, text: str, prompt_wav=None, prompt_text: str | None = None, *, key: jax.Array | None = None,
-                     sampling: SamplingMethod | None = None, prompt_sample_rate: int | None = None) -> Iterator[np.ndarray]:
+                     sampling: SamplingMethod | None = None, prompt_sample_rate: int | None = None,
+                     instruction: str | None = None) -> Iterator[np.ndarray]:
         """Yields audio chunks of one text as its speech tokens arrive (see `SpeechStream`);
         the LM decodes just as many tokens as the next chunk needs. Concatenating the chunks
-        gives the utterance."""
+        gives the utterance. `instruction`: how to speak it, as in `speak`."""
         ids = self.encode_text(text)
         prompt = self._prompt(prompt_wav, prompt_text, prompt_sample_rate)
         self._check_prompt(prompt)
         key = jax.random.key(0) if key is None else key
         k_lm, k_noise, k_voc = jax.random.split(key, 3)
-        dec = self.speech_decoder([ids], prompt, k_lm, sampling)
-        stream = SpeechStream(self, prompt, noise_key=k_noise, vocoder_key=k_voc)
+        dec = self.speech_decoder([ids], prompt, k_lm, sampling, [instruction])
+        stream = SpeechStream(self, prompt, noise_key=k_noise, vocoder_key=k_voc, style=instruction)
         while not dec.finished:
             dec.advance(max(1, stream.tokens_wanted))
             yield from stream.push(dec.new_tokens()[0])
