@@ -59,8 +59,6 @@ class FlowData:
         rid = text(record["id"])
         if rid not in self.tokens:
             return None
-        from hellochat_jax.data.synth import STYLE_FOR_EMOTION
-
         tokens = np.asarray(self.tokens[rid][1], np.int32)
         wav = pcm(record["reply_audio"])
         if self.mel["rate"] != 16000:
@@ -76,7 +74,7 @@ class FlowData:
         start = int(rng.integers(0, n - window + 1))
         return {
             "token": pad_to(tokens[start : start + window], self.opts.max_tokens), "token_len": np.int32(window),
-            "xvector": self.flow.style_xvectors([STYLE_FOR_EMOTION.get(text(record["emotion"]).strip())])[0],
+            "xvector": self.flow.style_xvectors([stages.reply_style(record)])[0],
             # the mel is computed in the step (one compiled shape), not per row on the host
             "wave": pad_to(wav[start * per_token : (start + window) * per_token], self.opts.max_tokens * per_token),
         }

@@ -150,6 +150,14 @@ def text(x: Any) -> str:
     return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
+def reply_style(record: dict[str, Any]) -> str | None:
+    """The style a corpus record's reply is spoken in: the one that fits the user's emotion
+    (synth.STYLE_FOR_EMOTION), None without one."""
+    from hellochat_jax.data.synth import STYLE_FOR_EMOTION
+
+    return STYLE_FOR_EMOTION.get(text(record["emotion"]).strip())
+
+
 def pcm(x: Any) -> np.ndarray:
     """Stored int16 PCM -> float32 in [-1, 1)."""
     return np.asarray(x, np.int16).astype(np.float32) / 32768.0

@@ -80,8 +80,6 @@ class TalkerData:
         self.tokens = reply_tokens_source(cfg, "train")
 
     def row(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray] | None:
-        from hellochat_jax.data.synth import STYLE_FOR_EMOTION
-
         rid = text(record["id"])
         if rid not in self.tokens:
             return None
@@ -89,7 +87,7 @@ class TalkerData:
         reply = text(record["reply"]).strip()
         if not reply or speech.size == 0 or speech.size > self.opts.max_speech_tokens:
             return None
-        style = STYLE_FOR_EMOTION.get(text(record["emotion"]).strip()) if self.opts.instruct else None
+        style = stages.reply_style(record) if self.opts.instruct else None
         ids = np.asarray(instruct_ids(self.tokenizer, style, reply), np.int32)
         if ids.size > self.opts.max_text_tokens:
             return None

@@ -351,7 +351,7 @@ class Talker:
         d = self.flow.cfg.spk_embed_dim
         if prompt is None:
             # no voice: the x-vector of each row's style (model.flow.style_speakers; zeros without)
-            xvectors = self.flow.cfg.style_xvectors([None] * batch if styles is None else list(styles))
+            xvectors = self.flow.cfg.style_xvectors([None] * batch if styles is None else styles)
             return (np.zeros((batch, 0), np.int32), np.zeros((batch,), np.int32), np.zeros((batch, 0, self.flow.cfg.output_size), np.float32),
                     np.zeros((batch,), np.int32), xvectors)
         p = len(prompt.speech_tokens)
@@ -463,7 +463,7 @@ class SpeechStream:
     is one fixed buffer, so after the first few chunks nothing compiles again."""
 
     def __init__(self, talker: Talker, prompt: VoicePrompt | None, *, noise_key: jax.Array, vocoder_key: jax.Array, style: str | None = None):
-        self.talker, self.prompt, self.styles = talker, prompt, [style]
+        self.talker, self.prompt, self.style = talker, prompt, style
         self.noise = talker._noise(noise_key)
         self.vocoder_key = vocoder_key
         self.ratio, self.lookahead = talker.flow.cfg.token_mel_ratio, talker.flow.cfg.pre_lookahead_len
@@ -491,7 +491,7 @@ class SpeechStream:
         while self.tokens_wanted == 0:
             this_hop = self._this_hop()
             mel, mel_len = self.talker.tokens_to_mel([self.tokens[: self.offset + this_hop + self.lookahead]], self.prompt, self.noise, streaming=True, finalize=False,
-                                                     styles=self.styles)
+                                                     styles=[self.style])
             out.append(self._vocode(mel[:, self.offset * self.ratio : int(mel_len[0])], finalize=False))
             self.offset += this_hop
             self.hop = min(TOKEN_MAX_HOP, self.hop * HOP_SCALE)
@@ -503,7 +503,7 @@ class SpeechStream:
             self.finished = True
             return []
         self.finished = True
-        mel, mel_len = self.talker.tokens_to_mel([self.tokens], self.prompt, self.noise, streaming=False, finalize=True, styles=self.styles)
+        mel, mel_len = self.talker.tokens_to_mel([self.tokens], self.prompt, self.noise, streaming=False, finalize=True, styles=[self.style])
         new = mel[:, self.offset * self.ratio : int(mel_len[0])]
         if new.shape[1] == 0 and self.cache is None:
             return []

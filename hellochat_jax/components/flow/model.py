@@ -129,8 +129,9 @@ class FlowConfig:
         `style_speakers`; None or an unknown style -> zeros)."""
         out = np.zeros((len(styles), self.spk_embed_dim), np.float32)
         for row, style in enumerate(styles):
-            if style is not None and style.strip() in self.style_speakers:
-                out[row, self.style_speakers.index(style.strip())] = 1.0
+            name = style.strip() if style is not None else None
+            if name in self.style_speakers:
+                out[row, self.style_speakers.index(name)] = 1.0
         return out
 
 
