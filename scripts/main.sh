@@ -36,12 +36,19 @@ stop_both() { kill -TERM "$thinker" "$beside" 2>/dev/null || true; wait || true;
 trap 'stop_both; exit 130' INT
 trap 'stop_both; exit 143' TERM
 trap stop_both EXIT
-wait "$thinker"
-if ! wait "$beside"; then
+beside_failed() {
   tr '\r' '\n' < "$RUN/beside_thinker.log" | tail -n 5
   echo "error: the speech tokenizer or vocoder stage failed (log: $RUN/beside_thinker.log)"
   exit 1
+}
+# Whichever side ends first: a failed speech tokenizer or vocoder stops the job now, not after
+# the thinker's last step.
+wait -n "$thinker" "$beside" || true
+if kill -0 "$thinker" 2>/dev/null; then
+  wait "$beside" || beside_failed
 fi
+wait "$thinker"
+wait "$beside" || beside_failed
 trap - INT TERM EXIT
 tr '\r' '\n' < "$RUN/beside_thinker.log" \
   | awk '/^starting stage/ {if (bar) print bar; bar = ""; print; next} /^train: 100%/ {bar = $0} END {if (bar) print bar}'
