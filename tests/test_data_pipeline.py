@@ -263,7 +263,7 @@ def test_talker_pairs_carry_the_reply_in_the_fixed_voice(tiny_corpus):  # noqa: 
 
 
 def test_config_errors_are_clear(tiny_corpus):  # noqa: F811
-    with pytest.raises(ValueError, match="probabilities"):
+    with pytest.raises(ValueError, match="audio_to_text_p must be a probability"):
         P.DataConfig(audio_to_text_p=1.5)
     with pytest.raises(ValueError, match="mixture"):
         P.DataConfig(mixture=P.Mixture(0, 0, 0, 0, 0, 0))
@@ -342,3 +342,59 @@ def test_reply_emotion_samples_ask_how_the_spoken_reply_sounds():
     assert always[-1].parts == (synth.STYLE_EMOTION[synth.STYLE_FOR_EMOTION["angry"]],)
     never = P.build_messages(ex, "emotion", np.random.default_rng(0), P.DataConfig(), counts)
     assert never[-2].parts[0].samples is audio and never[-1].parts == ("angry",)
+
+
+def _speech_example(events: tuple[str, ...]) -> P.Example:
+    rng = np.random.default_rng(0)
+    audio = (0.1 * rng.standard_normal(24000)).astype(np.float32)
+    return P.Example(id="x", audio=audio, transcript="t", emotion="calm", events=events, caption="c",
+                     reply="", reply_audio=np.zeros(0, np.float32), context=[],
+                     speech_tokens=np.zeros(0, np.int32), reply_speech_tokens=np.zeros(0, np.int32))
+
+
+def test_a_new_event_is_mixed_into_the_clip_and_named_in_its_events():
+    """event_mix_p: a sample's clip may get one more background event, made afresh, so what is
+    learnt follows the sound and not the clip (the corpus has a few thousand clips)."""
+    from hellochat_jax.data import synth
+
+    quiet = _speech_example(("silence",))
+    one = P.with_new_event(quiet, np.random.default_rng(1))
+    (name,) = one.events
+    assert name in synth.EVENTS and name != "silence"
+    assert one.audio.shape == quiet.audio.shape and not np.allclose(one.audio, quiet.audio)
+    assert quiet.events == ("silence",) and quiet.audio is not one.audio  # the record itself is kept
+
+    two = P.with_new_event(one, np.random.default_rng(2))
+    assert len(two.events) == 2 and name in two.events and list(two.events) == sorted(two.events)
+    # two events is the corpus's most; unknown events are left alone
+    assert P.with_new_event(two, np.random.default_rng(3)) is two
+    odd = _speech_example(("doorbell",))
+    assert P.with_new_event(odd, np.random.default_rng(3)) is odd
+
+
+def test_event_samples_carry_the_new_event_in_answer_and_clip_labels(tiny_corpus):  # noqa: F811
+    from hellochat_jax.data import synth
+
+    cfg = make_cfg(tiny_corpus, event_mix_p=1.0, clip_labels=True, mixture=P.Mixture(asr=0, emotion=0, events=1, caption=0, qa=0))
+    tokenizer = load_tokenizer(P.tokenizer_path(cfg))
+    make = P.MakeSample(cfg, P.tokenizer_path(cfg))
+    ex = next(e for e in _examples(tiny_corpus) if e.events == ("silence",))
+    sample = make.random_map(ex, np.random.default_rng(0))
+    answer = tokenizer.decode(sample["targets"][sample["loss_mask"] == 1])  # what the thinker is taught to say
+    labelled = [synth.EVENTS[i] for i in np.flatnonzero(sample["clip_events"][0])]
+    assert len(labelled) == 1 and labelled[0] != "silence" and labelled[0] in answer
+    assert not np.array_equal(sample["audio"][0, : len(ex.audio)], P._pcm16(ex.audio))
+
+
+@pytest.mark.parametrize("name", ["audio_to_text_p", "reply_asr_p", "event_mix_p"])
+def test_probabilities_outside_0_1_are_refused(name):
+    with pytest.raises(ValueError, match=f"{name} must be a probability"):
+        P.DataConfig(**{name: 1.5})
+
+
+def test_caption_samples_keep_the_records_own_background(tiny_corpus):  # noqa: F811
+    cfg = make_cfg(tiny_corpus, event_mix_p=1.0, mixture=P.Mixture(asr=0, emotion=0, events=0, caption=1, qa=0))
+    make = P.MakeSample(cfg, P.tokenizer_path(cfg))
+    ex = next(e for e in _examples(tiny_corpus) if e.events == ("silence",))
+    sample = make.random_map(ex, np.random.default_rng(0))
+    assert np.array_equal(sample["audio"][0, : len(ex.audio)], P._pcm16(ex.audio))

@@ -113,3 +113,24 @@ def test_adapter_ctc_reads_the_audio_rows_through_the_token_embeddings_with_the_
         want += _brute_force_ctc(log_probs, labels[clip, : n_labels[clip]].tolist(), audio_id)
     np.testing.assert_allclose(float(got), want, rtol=1e-4)
     assert float(counted) == 4.0
+
+
+def test_an_events_logit_is_its_loudest_frames_within_the_clip():
+    """The encoder's event classifier scores each frame and keeps each event's highest frame
+    (a 0.1 s beep is a few of 250 frames: a mean would wash it out); frames past a clip's end
+    do not count. Emotion stays on the mean of the clip's frames."""
+    from types import SimpleNamespace
+
+    from hellochat_jax.components.dasheng.model import FRAMES_PER_PATCH
+
+    heads = SimpleNamespace(encoder_events=lambda x: x, encoder_emotion=lambda x: jnp.concatenate([x, -x], -1))
+    model = SimpleNamespace(thinker=SimpleNamespace(audio_encoder=SimpleNamespace(cfg=SimpleNamespace(hop_size=1))),
+                            heads=heads)
+    # one clip of 3 valid frames (feature = the event's logit), then padding that would win
+    features = jnp.asarray([[[0.0], [5.0], [1.0], [100.0]]])
+    batch = {"audio_lengths": jnp.asarray([3 * FRAMES_PER_PATCH - 1]), "clip_emotion": jnp.asarray([0]),
+             "clip_events": jnp.asarray([[1]])}
+    out = Objective(("asr",)).encoder_labels(model, features, batch)
+    np.testing.assert_allclose(out["encoder_events_bce"], np.log1p(np.exp(-5.0)), rtol=1e-5)
+    mean = 2.0  # (0 + 5 + 1) / 3
+    np.testing.assert_allclose(out["encoder_emotion_ce"], np.log1p(np.exp(-2 * mean)), rtol=1e-5)

@@ -47,7 +47,8 @@ def pipeline_config(cfg: TrainConfig, process_count: int = 1):
         return from_dict(pipeline.DataConfig, {**fields, "batch_size": cfg.data.batch_size // process_count,
                                                "seq_len": cfg.data.seq_len}, where="data.corpus")
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        message = str(e)
+        raise ConfigError(message if message.startswith("data.corpus") else f"data.corpus.{message}") from None
 
 
 class CorpusData:

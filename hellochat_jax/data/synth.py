@@ -451,18 +451,34 @@ def mix_events(speech: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray
     out, placed = speech.copy(), []
     speech_rms = _rms(speech) or 1e-3
     for i in sorted(names):
-        name = EVENTS[i]
-        event = make_event(name, rng, len(speech))
-        snr_db = float(rng.uniform(0.0, 20.0))
-        # The level while the event sounds (gaps between knocks or beeps do not count).
-        event *= speech_rms / (_rms(event[np.abs(event) > 1e-3]) * 10 ** (snr_db / 20))
-        start = int(rng.integers(0, len(speech) - len(event) + 1))
-        out[start : start + len(event)] += event
-        placed.append((name, snr_db))
-    peak = np.abs(out).max()
+        placed.append((EVENTS[i], _place_event(out, EVENTS[i], speech_rms, rng)))
+    return _unclipped(out), placed
+
+
+def add_event(clip: np.ndarray, name: str, rng: np.random.Generator) -> np.ndarray:
+    """`clip` with one more background event, made afresh and placed as `mix_events` places
+    them (the clip's RMS stands for the speech's: its events are 0-20 dB below it)."""
+    out = np.asarray(clip, np.float32).copy()
+    _place_event(out, name, _rms(out) or 1e-3, rng)
+    return _unclipped(out)
+
+
+def _place_event(out: np.ndarray, name: str, speech_rms: float, rng: np.random.Generator) -> float:
+    """Adds one new `name` event into `out` in place, at a random offset and SNR; returns the SNR."""
+    event = make_event(name, rng, len(out))
+    snr_db = float(rng.uniform(0.0, 20.0))
+    # The level while the event sounds (gaps between knocks or beeps do not count).
+    event *= speech_rms / (_rms(event[np.abs(event) > 1e-3]) * 10 ** (snr_db / 20))
+    start = int(rng.integers(0, len(out) - len(event) + 1))
+    out[start : start + len(event)] += event
+    return snr_db
+
+
+def _unclipped(x: np.ndarray) -> np.ndarray:
+    peak = np.abs(x).max() if x.size else 0.0
     if peak > 0.99:  # keep int16 storage from clipping; relative levels are unchanged
-        out *= 0.99 / peak
-    return out, placed
+        x *= 0.99 / peak
+    return x
 
 
 # --------------------------------------------------------------------------- captions

@@ -3,9 +3,10 @@ dropped (`hellochat export` leaves them out of the model folder).
 
     encoder_ctc     Linear over the thinker's audio-encoder features (25 Hz) -> text-token CTC:
                     an auxiliary loss that teaches the encoder to hear words early in training
-    encoder_emotion / encoder_events   utterance emotion (softmax) and background events
-                    (sigmoid per event) from the encoder's mean-pooled features: the encoder
-                    learns how it was said and what else sounds, which the thinker then verbalises
+    encoder_emotion / encoder_events   utterance emotion (softmax, from the encoder's
+                    mean-pooled features) and background events (sigmoid per event, each the
+                    highest of its per-frame logits): the encoder learns how it was said and
+                    what else sounds, which the thinker then verbalises
     tokenizer_ctc   a small decoder over the speech tokenizer's FSQ codes (8 dims, 25 Hz) ->
                     text-token CTC: CosyVoice 2's supervised semantic tokens, scaled down
     tokenizer_emotion  utterance emotion from the FSQ codes (mean-pooled): keeps how it was
