@@ -99,3 +99,33 @@ def test_the_adapter_ctc_trains_beside_the_thinker_and_is_logged(tmp_path, tiny_
     del raw["data"]["corpus"]["ctc_label_len"]
     with pytest.raises(ConfigError, match="adapter_ctc_weight needs data.corpus.ctc_label_len"):
         Trainer(from_dict(train_config.TrainConfig, raw))
+
+
+def test_the_adapter_event_classifier_trains_beside_the_thinker_and_is_logged(tmp_path, tiny_corpus):  # noqa: F811
+    import math
+
+    from hellochat_jax.data import pipeline
+    from hellochat_jax.data.synth import EVENTS
+    from hellochat_jax.train.corpus import CorpusData
+
+    raw = corpus_config(tmp_path, tiny_corpus)
+    raw["data"]["corpus"]["clip_labels"] = True
+    raw["options"] = {"adapter_event_weight": 0.25}
+    cfg = from_dict(train_config.TrainConfig, raw)
+    # each event by the token its name starts with in an answer; "silence" by none
+    ids = CorpusData(cfg).event_token_ids()
+    tok = pipeline._chat_tokens(pipeline.tokenizer_path(CorpusData(cfg).pipeline_cfg))
+    assert ids[EVENTS.index("silence")] == -1
+    assert all(name.startswith(tok.tokenizer.decode([i])) for name, i in zip(EVENTS, ids) if i >= 0)
+    assert Trainer(cfg).fit() == 0
+    train = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert all(math.isfinite(r["adapter_events_bce"]) and r["adapter_events_bce"] > 0 for r in train)
+    assert all(r["loss"] > r["thinker_loss"] for r in train)
+
+    raw["options"] = {"adapter_event_weight": -1.0}
+    with pytest.raises(ConfigError, match="adapter_event_weight=-1.0 must be >= 0"):
+        Trainer(from_dict(train_config.TrainConfig, raw))
+    raw["options"] = {"adapter_event_weight": 0.25}
+    del raw["data"]["corpus"]["clip_labels"]
+    with pytest.raises(ConfigError, match="adapter_event_weight needs data.corpus.clip_labels"):
+        Trainer(from_dict(train_config.TrainConfig, raw))

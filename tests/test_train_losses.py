@@ -134,3 +134,24 @@ def test_an_events_logit_is_its_loudest_frames_within_the_clip():
     np.testing.assert_allclose(out["encoder_events_bce"], np.log1p(np.exp(-5.0)), rtol=1e-5)
     mean = 2.0  # (0 + 5 + 1) / 3
     np.testing.assert_allclose(out["encoder_emotion_ce"], np.log1p(np.exp(-2 * mean)), rtol=1e-5)
+
+
+def test_adapter_rows_name_the_events_through_the_thinkers_embedding_table():
+    """options.adapter_event_weight: event e's logit is the highest of the clip's adapter rows'
+    dot products with the embedding of e's token; rows past the clip's placeholders and
+    unclassified events (token -1: "silence") do not count."""
+    from types import SimpleNamespace
+
+    from hellochat_jax.components.dasheng.model import FRAMES_PER_PATCH
+
+    table = jnp.asarray([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    cfg = SimpleNamespace(audio_encoder=SimpleNamespace(hop_size=1), subsample_factor=1)
+    embed = SimpleNamespace(embedding=table)
+    model = SimpleNamespace(thinker=SimpleNamespace(cfg=cfg, decoder=SimpleNamespace(model=SimpleNamespace(embed_tokens=embed))))
+    rows = jnp.asarray([[[3.0, 0.0], [0.0, -1.0], [50.0, 50.0]]])  # 2 rows of the clip, then padding
+    batch = {"audio_lengths": jnp.asarray([2 * FRAMES_PER_PATCH - 1]), "clip_events": jnp.asarray([[1, 0, 1]])}
+    bce, clips = Objective(("asr",), event_token_ids=(1, 2, -1)).adapter_events(model, rows, batch)
+    np.testing.assert_allclose(bce, np.log1p(np.exp(-3.0)) + np.log(2.0), rtol=1e-5)
+    assert float(clips) == 1.0
+    unlabelled = {**batch, "clip_events": jnp.asarray([[-1, -1, -1]])}
+    assert float(Objective(("asr",), event_token_ids=(1, 2, -1)).adapter_events(model, rows, unlabelled)[0]) == 0.0

@@ -75,6 +75,19 @@ class CorpusData:
         if cfg.model.encoder is not None and cfg.model.audio_token_id != tok.audio:
             raise ConfigError(f"model.audio_token_id={cfg.model.audio_token_id} but the tokenizer's <|AUDIO|> id is {tok.audio}")
 
+    def event_token_ids(self) -> tuple[int, ...]:
+        """For each synth.EVENTS entry, the text token that starts its name in an events answer
+        (which lists them as the corpus names them, "knock, music"); -1 for "silence", the
+        absence of events, which no one row holds (and whose first token is a bare "s")."""
+        from hellochat_jax.data import pipeline
+        from hellochat_jax.data.synth import EVENTS
+
+        tok = pipeline._chat_tokens(pipeline.tokenizer_path(self.pipeline_cfg))
+        ids = tuple(-1 if name == "silence" else tok.text(name)[0] for name in EVENTS)
+        if len({i for i in ids if i >= 0}) < sum(i >= 0 for i in ids):
+            raise ConfigError(f"options.adapter_event_weight: two event names start with the same token ({dict(zip(EVENTS, ids))})")
+        return ids
+
     @staticmethod
     def keys_for(cfg: TrainConfig) -> tuple[str, ...]:
         keys = USED_KEYS + (AUDIO_KEYS if cfg.model.encoder is not None else ())

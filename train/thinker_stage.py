@@ -19,6 +19,10 @@ class ThinkerOptions:
     # weight of a CTC loss on the adapter's rows read through the thinker's embedding table
     # (0: off; needs data.corpus.ctc_label_len): audio rows that look like the words said
     adapter_ctc_weight: float = 0.0
+    # weight of the background-event classifier on the adapter's rows read through the
+    # thinker's embedding table (0: off; needs data.corpus.clip_labels): a row where an event
+    # sounds looks like the event's name
+    adapter_event_weight: float = 0.0
     talker_weight: float = 1.0  # weight of a jointly trained talker's speech CE (a `tts` mixture)
 
 
@@ -49,9 +53,15 @@ def make_objective(cfg, data):
         require(bool(heads.get("encoder_emotions")) and bool(heads.get("encoder_events")),
                 "options.encoder_label_weight needs model.heads.encoder_emotions and encoder_events")
         require(bool(cfg.data.corpus.get("clip_labels")), "options.encoder_label_weight needs data.corpus.clip_labels: true")
+    require(opts.adapter_event_weight >= 0, f"options.adapter_event_weight={opts.adapter_event_weight} must be >= 0")
+    event_ids = ()
+    if opts.adapter_event_weight:
+        require(bool(cfg.data.corpus.get("clip_labels")), "options.adapter_event_weight needs data.corpus.clip_labels: true")
+        event_ids = data.event_token_ids()
     return Objective(data.task_names, talker_weight=opts.talker_weight, remat=cfg.model.remat != "none",
                      encoder_ctc_weight=opts.encoder_ctc_weight, encoder_label_weight=opts.encoder_label_weight,
-                     adapter_ctc_weight=opts.adapter_ctc_weight)
+                     adapter_ctc_weight=opts.adapter_ctc_weight, adapter_event_weight=opts.adapter_event_weight,
+                     event_token_ids=event_ids)
 
 
 def parts(cfg) -> tuple[str, ...]:
