@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from hellochat_jax.components.speech_lm.model import speech_token_terms
 
@@ -188,7 +189,7 @@ class Objective:
             valid = jnp.arange(clip_rows.shape[1])[None, :, None] < rows[:, None, None]
             logits = jnp.max(jnp.where(valid, logits, -1e9), axis=1)
             target = jnp.maximum(events, 0).astype(jnp.float32)
-            bce = jnp.sum(jnp.maximum(logits, 0) - logits * target + jnp.log1p(jnp.exp(-jnp.abs(logits))), -1)
+            bce = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, target), -1)
             return jnp.sum(jnp.where(has_events, bce, 0.0)), jnp.sum(has_events).astype(jnp.float32)
 
     def encoder_labels(self, model, features: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -220,7 +221,7 @@ class Objective:
             frame_logits = heads.encoder_events(features).astype(jnp.float32)
             ev_logits = jnp.max(jnp.where(valid[..., None] > 0, frame_logits, -1e9), axis=1)
             target = jnp.maximum(events, 0).astype(jnp.float32)
-            bce = jnp.sum(jnp.maximum(ev_logits, 0) - ev_logits * target + jnp.log1p(jnp.exp(-jnp.abs(ev_logits))), -1)
+            bce = jnp.sum(optax.sigmoid_binary_cross_entropy(ev_logits, target), -1)
             out["encoder_events_bce"] = jnp.sum(jnp.where(has_events, bce, 0.0))
             out["encoder_events_n"] = jnp.sum(has_events).astype(jnp.float32)
         return out

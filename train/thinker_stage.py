@@ -1,7 +1,8 @@
 """The thinker stage: the interleaved chat corpus (train/corpus.py) or the synthetic token task
-(train/data.py), next-token cross-entropy on assistant tokens (train/losses.py), plus an
-optional auxiliary CTC loss on the audio encoder (`options.encoder_ctc_weight` with a
-`model.heads: {encoder_ctc: true}` section and `data.corpus.ctc_label_len`)."""
+(train/data.py), next-token cross-entropy on assistant tokens (train/losses.py), plus optional
+auxiliary losses (ThinkerOptions): CTC, emotion and events on the audio encoder (training-only
+heads, `model.heads`), CTC and events on the adapter's rows read through the thinker's own
+embedding table."""
 
 from __future__ import annotations
 
