@@ -60,7 +60,7 @@ hellochat train --config tiny --stage talker --resume "$@"
 hellochat train --config tiny --stage flow --resume "$@"
 hellochat export --run "$RUN" --out "$MODEL"
 
-hellochat eval understand --model "$MODEL" --num 60 --json "$RUN/eval_understand.json"
+hellochat eval understand --model "$MODEL" --num 200 --json "$RUN/eval_understand.json"
 hellochat eval tts --model "$MODEL" --num 40 --json "$RUN/eval_tts.json"
 
 # A held-out spoken question, answered out loud (the reply text streams as it is generated).
