@@ -2,6 +2,7 @@
 interleaving rates, loss masks, packing, per-process shards and bad records."""
 
 import collections
+import dataclasses
 
 import grain
 import numpy as np
@@ -398,3 +399,13 @@ def test_caption_samples_keep_the_records_own_background(tiny_corpus):  # noqa: 
     ex = next(e for e in _examples(tiny_corpus) if e.events == ("silence",))
     sample = make.random_map(ex, np.random.default_rng(0))
     assert np.array_equal(sample["audio"][0, : len(ex.audio)], P._pcm16(ex.audio))
+
+
+def test_a_clip_too_short_for_an_event_is_not_broken_by_one():
+    empty = dataclasses.replace(_speech_example(("silence",)), audio=np.zeros(0, np.float32))
+    assert P.with_new_event(empty, np.random.default_rng(0)) is empty
+    from hellochat_jax.data import synth
+
+    for name in synth.EVENTS[:-1]:  # an event cut to no samples adds nothing
+        assert synth.add_event(np.zeros(0, np.float32), name, np.random.default_rng(0)).size == 0
+        assert np.all(np.isfinite(synth.add_event(np.full(3, 0.1, np.float32), name, np.random.default_rng(0))))

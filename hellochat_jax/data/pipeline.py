@@ -378,7 +378,7 @@ def with_new_event(ex: Example, rng: np.random.Generator) -> Example:
     named in its events (alphabetical, as the corpus lists them); unchanged where it already
     has two or its events are not the corpus's."""
     have = [e for e in ex.events if e != "silence"]
-    if len(have) >= 2 or any(e not in EVENTS for e in ex.events):
+    if len(have) >= 2 or any(e not in EVENTS for e in ex.events) or not ex.audio.size:
         return ex
     candidates = [e for e in EVENTS if e != "silence" and e not in have]
     name = candidates[int(rng.integers(len(candidates)))]

@@ -468,7 +468,9 @@ def _place_event(out: np.ndarray, name: str, speech_rms: float, rng: np.random.G
     event = make_event(name, rng, len(out))
     snr_db = float(rng.uniform(0.0, 20.0))
     # The level while the event sounds (gaps between knocks or beeps do not count).
-    event *= speech_rms / (_rms(event[np.abs(event) > 1e-3]) * 10 ** (snr_db / 20))
+    level = _rms(event[np.abs(event) > 1e-3])
+    if level > 0:  # an event cut to nothing by a very short clip adds nothing
+        event *= speech_rms / (level * 10 ** (snr_db / 20))
     start = int(rng.integers(0, len(out) - len(event) + 1))
     out[start : start + len(event)] += event
     return snr_db
