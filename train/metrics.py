@@ -198,7 +198,7 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax = axes[0][0]
     keys = sorted({k for r in train for k in r if k.startswith("loss/")})
     # Every stage's loss terms (thinker CE, talker CE, CTC, flow MSE, vocoder L1s), else the total.
-    terms = sorted({k for r in train for k in r if re.match(r"^(thinker|talker|flow|hift|tokenizer|encoder|adapter)_.*(loss|ctc|l1|mse|stft)$", k)})
+    terms = sorted({k for r in train for k in r if re.match(r"^(thinker|talker|flow|hift|tokenizer|encoder|adapter)_.*(loss|ctc|l1|mse|stft|bce)$", k)})
     terms = [k for k in ["thinker_loss"] if k in terms] + keys + [k for k in terms if k != "thinker_loss"]
     for key in terms or ["loss"]:
         pts = [(r["step"], r[key]) for r in train if isinstance(r.get(key), (int, float))]
