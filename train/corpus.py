@@ -43,12 +43,8 @@ def pipeline_config(cfg: TrainConfig, process_count: int = 1):
     if "audio_subsample" in fields:
         raise ConfigError("data.corpus.audio_subsample: set model.adapter.subsample instead (the data follows the model)")
     fields["audio_subsample"] = adapter_subsample(cfg.model)
-    try:
-        return from_dict(pipeline.DataConfig, {**fields, "batch_size": cfg.data.batch_size // process_count,
-                                               "seq_len": cfg.data.seq_len}, where="data.corpus")
-    except ValueError as e:
-        message = str(e)
-        raise ConfigError(message if message.startswith("data.corpus") else f"data.corpus.{message}") from None
+    return from_dict(pipeline.DataConfig, {**fields, "batch_size": cfg.data.batch_size // process_count,
+                                           "seq_len": cfg.data.seq_len}, where="data.corpus")
 
 
 class CorpusData:

@@ -61,6 +61,15 @@ def clip_ctc(logits: jax.Array, frames: jax.Array, batch: dict[str, jax.Array], 
     return jnp.sum(jnp.where(has, per_clip, 0.0)), jnp.sum(jnp.where(has, n_labels, 0)).astype(jnp.float32)
 
 
+def loudest_step_bce(logits: jax.Array, valid: jax.Array, labels: jax.Array, labelled: jax.Array) -> jax.Array:
+    """Multi-label BCE of clips whose class logits are per step [N, T, E]: each class scores by
+    its highest valid step (valid [N, T]); summed over classes and over the `labelled` clips
+    (labels [N, E], 0/1)."""
+    pooled = jnp.max(jnp.where(valid[..., None], logits, -1e9), axis=1)
+    bce = jnp.sum(optax.sigmoid_binary_cross_entropy(pooled, jnp.maximum(labels, 0).astype(jnp.float32)), -1)
+    return jnp.sum(jnp.where(labelled, bce, 0.0))
+
+
 class Objective:
     """The step's loss: thinker CE plus, when the model has a talker, weighted speech CE.
     `remat` trades the cross-entropy's saved exponentials for a recomputation (on with any
@@ -186,11 +195,8 @@ class Objective:
         events = labels[:, jnp.asarray(columns)]
         with jax.named_scope("adapter_events"):
             logits = jnp.einsum("arh,eh->are", clip_rows.astype(jnp.float32), names.astype(jnp.float32))
-            valid = jnp.arange(clip_rows.shape[1])[None, :, None] < rows[:, None, None]
-            logits = jnp.max(jnp.where(valid, logits, -1e9), axis=1)
-            target = jnp.maximum(events, 0).astype(jnp.float32)
-            bce = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, target), -1)
-            return jnp.sum(jnp.where(has_events, bce, 0.0)), jnp.sum(has_events).astype(jnp.float32)
+            valid = jnp.arange(clip_rows.shape[1])[None, :] < rows[:, None]
+            return loudest_step_bce(logits, valid, events, has_events), jnp.sum(has_events).astype(jnp.float32)
 
     def encoder_labels(self, model, features: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Emotion CE (from the encoder's mean-pooled features) and event BCE (summed over the
@@ -219,10 +225,7 @@ class Objective:
             # mean-pooled head learnt to miss it (micro F1 0.73), so the encoder was never asked
             # to mark short events where they sound.
             frame_logits = heads.encoder_events(features).astype(jnp.float32)
-            ev_logits = jnp.max(jnp.where(valid[..., None] > 0, frame_logits, -1e9), axis=1)
-            target = jnp.maximum(events, 0).astype(jnp.float32)
-            bce = jnp.sum(optax.sigmoid_binary_cross_entropy(ev_logits, target), -1)
-            out["encoder_events_bce"] = jnp.sum(jnp.where(has_events, bce, 0.0))
+            out["encoder_events_bce"] = loudest_step_bce(frame_logits, valid > 0, events, has_events)
             out["encoder_events_n"] = jnp.sum(has_events).astype(jnp.float32)
         return out
 

@@ -87,7 +87,12 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except UserError:
+        raise
+    except ValueError as e:  # the dataclass's own checks (__post_init__): say which section
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
